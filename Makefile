@@ -1,0 +1,45 @@
+# Two commands: `make demo` (the main job on embedded defaults) and `make test` (all tests).
+# Both create .venv when it is missing and reinstall only when pyproject.toml changed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+ENGAGE := $(VENV)/bin/engage
+export ENGAGE_HOME ?= $(CURDIR)/data
+
+DEMO_CUSTOMERS ?= 20000
+DEMO_DAYS ?= 365
+DEMO_SEED ?= 7
+SIM_DIR := $(ENGAGE_HOME)/simulated/n$(DEMO_CUSTOMERS)-d$(DEMO_DAYS)-s$(DEMO_SEED)
+
+.PHONY: demo test install lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	@test -f $(SIM_DIR)/ground_truth.parquet \
+		&& echo "reusing simulated data in $(SIM_DIR)" \
+		|| $(ENGAGE) simulate --customers $(DEMO_CUSTOMERS) --days $(DEMO_DAYS) --seed $(DEMO_SEED) --out $(SIM_DIR)
+	$(ENGAGE) ingest $(SIM_DIR)
+	$(ENGAGE) features build
+	$(ENGAGE) features apply
+	$(ENGAGE) features materialize
+	$(ENGAGE) features show --sample 2
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/bench_simulate_snapshot.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

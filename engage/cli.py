@@ -1,0 +1,31 @@
+"""The `engage` command: mounts each package's CLI."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from features.cli import features_app, ingest_command, simulate_command
+
+app = typer.Typer(
+    name="engage",
+    help="Engage: next-best-action engine (features, training, scoring).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("simulate", help="Simulate a customer base with ground truth into contract files.")(simulate_command)
+app.command("ingest", help="Load contract files (customers, events, offers, exposures) into ENGAGE_HOME.")(
+    ingest_command
+)
+app.add_typer(features_app, name="features")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Engage configuration: YAML, expanded with environment variables, validated by pydantic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SegmentConfig(_Strict):
+    """Thresholds of the RFM segments (defaults follow common retail practice)."""
+
+    new_max_tenure_days: int = Field(30, ge=0, description="Customers younger than this are `new`.")
+    high_value_max_recency_days: int = Field(30, ge=0, description="`high_value` needs a purchase this recent.")
+    high_value_min_orders_365d: int = Field(5, ge=1, description="`high_value` needs this many orders in a year.")
+    high_value_spend_quantile: float = Field(
+        0.8, gt=0, lt=1, description="`high_value` needs last-year spend at or above this quantile."
+    )
+    at_risk_min_recency_days: int = Field(60, ge=1, description="A repeat buyer silent this long is `at_risk`.")
+    dormant_min_recency_days: int = Field(180, ge=1, description="No purchase for this long is `dormant`.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SegmentConfig:
+        if self.at_risk_min_recency_days >= self.dormant_min_recency_days:
+            raise ValueError("at_risk_min_recency_days must be below dormant_min_recency_days")
+        return self
+
+
+class FeatureConfig(_Strict):
+    """How behavioural features are computed and served."""
+
+    segments: SegmentConfig = SegmentConfig()
+    snapshot_ttl_days: int = Field(35, ge=1, description="Feast TTL of a snapshot for point-in-time lookups.")
+    snapshot_every_days: int = Field(7, ge=1, description="Cadence of snapshot series built for training.")
+
+
+class EngageConfig(_Strict):
+    """All of Engage's tunable settings."""
+
+    features: FeatureConfig = FeatureConfig()
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid."""
+
+
+def config_path(home: Path) -> Path:
+    """``$ENGAGE_CONFIG`` if set, else ``<home>/engage.yaml`` if it exists, else the packaged defaults."""
+    explicit = os.environ.get("ENGAGE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = home / "engage.yaml"
+    return local if local.exists() else DEFAULT_CONFIG_FILE
+
+
+def load_config(path: Path | None = None) -> EngageConfig:
+    """Read and validate a config file (the packaged defaults when ``path`` is None)."""
+    path = path or DEFAULT_CONFIG_FILE
+    try:
+        raw = yaml.safe_load(os.path.expandvars(Path(path).read_text())) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    try:
+        return EngageConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config {path} is invalid:\n{exc}") from exc

@@ -1,0 +1,1 @@
+"""Feast definitions of Engage's customer features (embedded profile: DuckDB offline, SQLite online)."""

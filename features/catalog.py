@@ -1,0 +1,168 @@
+"""The behavioural feature catalog: names, types and which Feast feature view holds each.
+
+The DuckDB snapshot SQL (``snapshots.py``) and the Feast definitions (``feature_repo/``) are both
+generated from these lists, so a feature cannot exist in one and be missing from the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DType = Literal["int", "float", "bool", "string"]
+
+WINDOWS = (7, 30, 90)  # engagement windows, days
+MONEY_WINDOWS = (30, 90, 365)  # RFM windows, days
+# Engagement metric -> SQL predicate over an event row.
+ENGAGEMENT_METRICS: dict[str, str] = {
+    "sessions": "event_type = 'session'",
+    "page_views": "event_type = 'page_view'",
+    "email_opens": "event_type = 'email_open'",
+    "email_clicks": "event_type = 'email_click'",
+    "push_opens": "event_type = 'push_open'",
+    "sms_clicks": "event_type = 'sms_click'",
+}
+# Message channels with a local hour-of-day profile -> the events that show engagement on them.
+HOUR_PROFILE_CHANNELS: dict[str, str] = {
+    "email": "event_type IN ('email_open', 'email_click')",
+    "sms": "event_type = 'sms_click'",
+    "push": "event_type = 'push_open'",
+    "in_app": "event_type IN ('session', 'page_view') AND channel = 'in_app'",
+}
+OFFER_KINDS = ("discount", "free_shipping", "points", "content", "other")
+CONSENT_CHANNELS = ("email", "sms", "push")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    dtype: DType
+    view: str
+    doc: str = ""
+
+
+def _rfm() -> list[Feature]:
+    v = "customer_rfm"
+    out = [
+        Feature("tenure_days", "float", v, "days since signup"),
+        Feature("days_since_last_purchase", "float", v, "null if never purchased"),
+        Feature("days_since_first_purchase", "float", v, "null if never purchased"),
+        Feature("orders_lifetime", "int", v),
+        Feature("revenue_lifetime", "float", v),
+    ]
+    for w in MONEY_WINDOWS:
+        out.append(Feature(f"orders_{w}d", "int", v))
+        out.append(Feature(f"revenue_{w}d", "float", v))
+    out += [
+        Feature("avg_order_value_365d", "float", v, "null without orders in the year"),
+        Feature("spend_percentile_365d", "float", v, "rank of last-year spend among customers at T, 0-1"),
+        Feature("segment", "string", v, "RFM segment: high_value, potential, new, at_risk, dormant"),
+    ]
+    return out
+
+
+def _engagement() -> list[Feature]:
+    v = "customer_engagement"
+    out = []
+    for metric in ENGAGEMENT_METRICS:
+        out += [Feature(f"{metric}_{w}d", "int", v) for w in WINDOWS]
+        out.append(Feature(f"{metric}_trend", "float", v, "(last 30d - prior 60d/2) / (prior 60d/2 + 1)"))
+    out += [
+        Feature("days_since_last_activity", "float", v, "any event; null if none"),
+        Feature("active_days_30d", "int", v, "distinct days with any event"),
+    ]
+    return out
+
+
+def _support() -> list[Feature]:
+    v = "customer_support"
+    out = []
+    for kind in ("tickets", "complaints"):
+        out += [Feature(f"{kind}_{w}d", "int", v) for w in (30, 90, 365)]
+        out.append(Feature(f"days_since_last_{kind[:-1]}", "float", v, "null if none"))
+    out += [Feature(f"{ch}_consent", "bool", v, "opted in and not unsubscribed") for ch in CONSENT_CHANNELS]
+    out += [
+        Feature("unsubscribes_30d", "int", v),
+        Feature("days_since_unsubscribe", "float", v, "null if never"),
+    ]
+    return out
+
+
+def _offer_history() -> list[Feature]:
+    v = "customer_offer_history"
+    out = [
+        Feature("messages_30d", "int", v),
+        Feature("messages_90d", "int", v),
+        Feature("messages_365d", "int", v),
+        Feature("control_messages_365d", "int", v, "messages without an offer"),
+        Feature("message_open_rate_365d", "float", v, "opened before T / sent; null if none sent"),
+        Feature("days_since_last_message", "float", v, "null if never messaged"),
+        Feature("redemptions_365d", "int", v),
+    ]
+    for kind in OFFER_KINDS:
+        out.append(Feature(f"offers_{kind}_sent_365d", "int", v))
+        out.append(Feature(f"offers_{kind}_redeemed_365d", "int", v))
+    return out
+
+
+def _hour_profile() -> list[Feature]:
+    v = "customer_hour_profile"
+    out = []
+    for ch in HOUR_PROFILE_CHANNELS:
+        out.append(Feature(f"{ch}_engagements_365d", "int", v))
+        out += [
+            Feature(f"{ch}_hour_{h:02d}", "float", v, f"share of {ch} engagement at local hour {h}")
+            for h in range(24)
+        ]
+    return out
+
+
+def _profile() -> list[Feature]:
+    v = "customer_profile"
+    return [
+        Feature("timezone", "string", v),
+        Feature("utc_offset_hours", "float", v, "the customer's UTC offset at T"),
+        Feature("country", "string", v),
+    ]
+
+
+VIEWS: dict[str, list[Feature]] = {
+    "customer_rfm": _rfm(),
+    "customer_engagement": _engagement(),
+    "customer_support": _support(),
+    "customer_offer_history": _offer_history(),
+    "customer_hour_profile": _hour_profile(),
+    "customer_profile": _profile(),
+}
+PROFILE_ATTRIBUTE_PREFIX = "attr_"
+
+# One feature service per model: which views it reads.
+FEATURE_SERVICES: dict[str, tuple[str, ...]] = {
+    "churn": (
+        "customer_rfm", "customer_engagement", "customer_support", "customer_offer_history", "customer_profile",
+    ),
+    "next_best_offer": (
+        "customer_rfm", "customer_engagement", "customer_support", "customer_offer_history", "customer_profile",
+    ),
+    "send_time": ("customer_hour_profile", "customer_engagement", "customer_support", "customer_profile"),
+}
+
+
+def profile_features(profile_columns: dict[str, str]) -> list[Feature]:
+    """Features for the contract's extra customer columns (``{name: 'numeric'|'categorical'}``)."""
+    return [
+        Feature(
+            PROFILE_ATTRIBUTE_PREFIX + name,
+            "float" if kind == "numeric" else "string",
+            "customer_profile",
+            "static profile attribute from the customers file",
+        )
+        for name, kind in sorted(profile_columns.items())
+    ]
+
+
+def all_views(profile_columns: dict[str, str] | None = None) -> dict[str, list[Feature]]:
+    """The views with the profile view extended by this warehouse's extra customer columns."""
+    views = {name: list(feats) for name, feats in VIEWS.items()}
+    views["customer_profile"] += profile_features(profile_columns or {})
+    return views

@@ -1,0 +1,147 @@
+"""Commands of the features package: simulate, ingest, and `engage features build|apply|materialize|show`.
+
+Each command parses its options and calls a plain function; heavy imports (Feast, DuckDB) happen
+inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from engage.cli_support import HomeOption, console, fail, home_and_config, progress_bar
+from engage.config import ConfigError
+
+features_app = typer.Typer(
+    help="Build behavioural feature snapshots and serve them through Feast.", no_args_is_help=True
+)
+
+
+def simulate_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the contract files and ground truth into.")],
+    customers: Annotated[int, typer.Option("--customers", min=1, help="Number of customers.")] = 10_000,
+    days: Annotated[int, typer.Option("--days", min=1, help="Days of history to simulate.")] = 365,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same data.")] = 7,
+    fmt: Annotated[str, typer.Option("--format", help="File format: parquet or csv.")] = "parquet",
+    start: Annotated[
+        str | None, typer.Option("--start", help="First simulated day (ISO 8601, default 2025-01-01).")
+    ] = None,
+) -> None:
+    """Simulate a customer base with latent traits; writes the four contract tables plus ground truth."""
+    from features.simulate import DEFAULT_START, simulate
+
+    try:
+        result = simulate(customers, days, seed, out, start=start or DEFAULT_START, fmt=fmt, progress=True)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    console.print(
+        f"simulated {result.n_customers:,} customers, {result.n_events:,} events, "
+        f"{result.n_exposures:,} exposures in {result.seconds:.1f}s -> {result.out_dir}"
+    )
+
+
+def ingest_command(
+    src: Annotated[Path, typer.Argument(help="Folder with customers, events[, offers, exposures] as CSV or Parquet.")],
+    home: HomeOption = None,
+) -> None:
+    """Load contract files into ENGAGE_HOME; bad rows go to the rejects table, the good rows load."""
+    from features.load import ContractError, ingest
+
+    try:
+        home_dir, _ = home_and_config(home)
+        with console.status(f"loading {src} ..."):
+            report = ingest(src, home_dir)
+    except (ContractError, ConfigError, OSError) as exc:
+        fail(str(exc))
+    console.print(report.format_table())
+
+
+@features_app.command("build")
+def build_command(
+    as_of: Annotated[
+        list[str] | None,
+        typer.Option("--as-of", help="Snapshot time (ISO 8601, UTC if no offset); repeatable. "
+                     "Default: just after the last loaded event."),
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Compute point-in-time feature snapshots with DuckDB (rows strictly before each time)."""
+    from features.load import connect_warehouse
+    from features.snapshots import SnapshotError, build_snapshots, to_utc
+
+    try:
+        home_dir, cfg = home_and_config(home)
+        times = [to_utc(t) for t in as_of] if as_of else None
+        con = connect_warehouse(home_dir, read_only=True)
+        with progress_bar("building snapshots", len(times) if times else 1) as (bar, task):
+            results = build_snapshots(con, home_dir, cfg.features, times, on_done=lambda _: bar.advance(task))
+    except (SnapshotError, ConfigError, OSError) as exc:
+        fail(str(exc))
+    for r in results:
+        console.print(f"snapshot {r.as_of:%Y-%m-%dT%H:%M:%SZ}: {r.rows:,} customers in {r.seconds:.1f}s -> {r.path}")
+
+
+@features_app.command("apply")
+def apply_command(home: HomeOption = None) -> None:
+    """Register the customer entity, feature views and feature services in Feast."""
+    from features import store as fstore
+    from features.load import connect_warehouse
+    from features.snapshots import profile_columns
+
+    try:
+        home_dir, cfg = home_and_config(home)
+        con = connect_warehouse(home_dir, read_only=True)
+        names = fstore.apply(
+            fstore.open_store(home_dir), home_dir, profile_columns(con), cfg.features.snapshot_ttl_days
+        )
+    except (ConfigError, OSError, fstore.FeatureStoreError) as exc:
+        fail(str(exc))
+    console.print(f"applied {len(names)} Feast objects: {', '.join(names)}")
+
+
+@features_app.command("materialize")
+def materialize_command(home: HomeOption = None) -> None:
+    """Load the latest snapshot of every customer into the online store."""
+    from features import store as fstore
+
+    try:
+        home_dir, _ = home_and_config(home)
+        start, end = fstore.materialize(fstore.open_store(home_dir), home_dir)
+    except (ConfigError, OSError, fstore.FeatureStoreError) as exc:
+        fail(str(exc))
+    console.print(f"materialized snapshots from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@features_app.command("show")
+def show_command(
+    customer_ids: Annotated[
+        list[str] | None, typer.Argument(help="Customer ids to read from the online store.", show_default=False)
+    ] = None,
+    sample: Annotated[
+        int, typer.Option("--sample", min=0, max=100, help="Without ids: show this many customers of the latest snapshot.")
+    ] = 2,
+    service: Annotated[
+        str, typer.Option("--service", help="Feature service: churn, next_best_offer or send_time.")
+    ] = "churn",
+    home: HomeOption = None,
+) -> None:
+    """Print online feature values of some customers, as the scoring service reads them."""
+    from feast.errors import FeatureServiceNotFoundException
+
+    from features import store as fstore
+
+    try:
+        home_dir, _ = home_and_config(home)
+        ids = list(customer_ids or []) or fstore.sample_customers(home_dir, sample)
+        if not ids:
+            fail("no customer ids given and --sample is 0")
+        df = fstore.online_features(fstore.open_store(home_dir), service, ids)
+    except FeatureServiceNotFoundException:
+        fail(f"feature service '{service}' is not registered: run `engage features apply` (services: "
+             "churn, next_best_offer, send_time)")
+    except (ConfigError, OSError, fstore.FeatureStoreError) as exc:
+        fail(str(exc))
+    console.print(f"online features ({service}) for {', '.join(ids)}:")
+    console.print(df.set_index("customer_id").T.to_string(), highlight=False)

@@ -1,0 +1,89 @@
+"""The Feast feature store of one ENGAGE_HOME: open, apply, materialize, read online and historically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from feast import FeatureStore
+from feast.repo_config import RepoConfig
+
+from engage.settings import FEATURE_REPO_DIR
+from feature_repo.definitions import definitions
+from features.snapshots import ENTITY, TIMESTAMP_FIELD, snapshot_dir, snapshot_file, to_utc
+
+log = logging.getLogger(__name__)
+FEATURE_STORE_YAML = FEATURE_REPO_DIR / "feature_store.yaml"
+
+
+class FeatureStoreError(RuntimeError):
+    """The feature store is not in a state to answer (not applied, nothing materialized, ...)."""
+
+
+def repo_config(home: Path, yaml_file: Path = FEATURE_STORE_YAML) -> RepoConfig:
+    """``feature_store.yaml`` with ``${ENGAGE_HOME}`` set to ``home`` (other ``${VARS}`` from the environment)."""
+    text = string.Template(yaml_file.read_text()).safe_substitute(ENGAGE_HOME=str(home))
+    raw = yaml.safe_load(os.path.expandvars(text))
+    config = RepoConfig(**raw)
+    config.repo_path = FEATURE_REPO_DIR
+    return config
+
+
+def open_store(home: Path) -> FeatureStore:
+    (home / "feast").mkdir(parents=True, exist_ok=True)
+    return FeatureStore(config=repo_config(home))
+
+
+def apply(store: FeatureStore, home: Path, profile_columns: dict[str, str], ttl_days: int) -> list[str]:
+    """Register the entity, source, views and services; returns the names applied."""
+    objects = definitions(home, profile_columns, ttl_days)
+    store.apply(objects)
+    return [obj.name for obj in objects]
+
+
+def snapshot_bounds(home: Path) -> tuple[datetime, datetime]:
+    """Earliest and latest snapshot time on disk, from the file names."""
+    files = sorted(snapshot_dir(home).glob("as_of=*.parquet"))
+    if not files:
+        raise FeatureStoreError("no feature snapshots: run `engage features build` first")
+    times = [to_utc(datetime.strptime(f.stem.removeprefix("as_of="), "%Y%m%dT%H%M%SZ")) for f in files]
+    return min(times), max(times)
+
+
+def sample_customers(home: Path, n: int) -> list[str]:
+    """The first ``n`` customer ids of the latest snapshot (for demos and smoke checks)."""
+    _, last = snapshot_bounds(home)
+    ids = pd.read_parquet(snapshot_file(home, last), columns=[ENTITY])[ENTITY]
+    return ids.head(n).tolist()
+
+
+def materialize(store: FeatureStore, home: Path) -> tuple[datetime, datetime]:
+    """Load the latest snapshot of every customer into the online store; returns the window used."""
+    if not store.list_feature_views():
+        raise FeatureStoreError("the feature store has no feature views: run `engage features apply` first")
+    first, last = snapshot_bounds(home)
+    start, end = first - timedelta(seconds=1), last + timedelta(seconds=1)
+    store.materialize(start_date=start, end_date=end)
+    return start, end
+
+
+def online_features(store: FeatureStore, service: str, customer_ids: Sequence[str]) -> pd.DataFrame:
+    """Online feature values of one feature service for some customers (one store read)."""
+    fs = store.get_feature_service(service)
+    resp = store.get_online_features(features=fs, entity_rows=[{ENTITY: c} for c in customer_ids])
+    return resp.to_df()
+
+
+def historical_features(store: FeatureStore, service: str, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """Point-in-time join of a feature service onto ``entity_df`` (``customer_id``, ``event_timestamp``)."""
+    missing = {ENTITY, TIMESTAMP_FIELD} - set(entity_df.columns)
+    if missing:
+        raise ValueError(f"entity_df needs columns {sorted(missing)}")
+    fs = store.get_feature_service(service)
+    return store.get_historical_features(entity_df=entity_df, features=fs).to_df()

@@ -1,0 +1,26 @@
+"""Small helpers shared by tests: load a contract folder and build snapshots with closed connections."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pandas as pd
+
+from engage.config import load_config
+from features.load import connect_warehouse, ingest
+from features.snapshots import SnapshotResult, build_snapshots
+
+
+def load(src: Path, home: Path):
+    return ingest(src, home)
+
+
+def build(home: Path, times=None) -> list[SnapshotResult]:
+    with contextlib.closing(connect_warehouse(home, read_only=True)) as con:
+        return build_snapshots(con, home, load_config().features, times)
+
+
+def frame(result: SnapshotResult) -> pd.DataFrame:
+    """A snapshot without its build-time column, indexed by customer."""
+    return pd.read_parquet(result.path).drop(columns=["created_at"]).set_index("customer_id").sort_index()
