@@ -275,7 +275,7 @@ def profile_columns(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
 
 def default_as_of(con: duckdb.DuckDBPyConnection) -> datetime:
     """Just after the last loaded event: the next whole second after it."""
-    (last,) = con.execute("SELECT max(event_at) FROM events").fetchone()
+    (last,) = con.execute("SELECT max(event_at) FROM events").fetchall()[0]
     if last is None:
         raise SnapshotError("no events are loaded: run `engage ingest DIR` first")
     return to_utc(last.replace(microsecond=0) + timedelta(seconds=1))
@@ -285,7 +285,7 @@ def data_range(con: duckdb.DuckDBPyConnection) -> tuple[datetime, datetime]:
     """First signup and last event in the warehouse (UTC)."""
     first, last = con.execute(
         "SELECT (SELECT min(signup_at) FROM customers), (SELECT max(event_at) FROM events)"
-    ).fetchone()
+    ).fetchall()[0]
     if first is None or last is None:
         raise SnapshotError("the warehouse is empty: run `engage ingest DIR` first")
     return to_utc(first), to_utc(last)
@@ -333,7 +333,7 @@ def build_snapshots(
             con.execute(
                 f"COPY ({snapshot_sql(t, cfg, cols)}) TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)"
             )
-            (rows,) = con.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchone()
+            (rows,) = con.execute(f"SELECT count(*) FROM read_parquet('{tmp}')").fetchall()[0]
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
