@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,10 +43,32 @@ class FeatureConfig(_Strict):
     snapshot_every_days: int = Field(7, ge=1, description="Cadence of snapshot series built for training.")
 
 
+class TrainingConfig(_Strict):
+    """How the churn, next-best-offer and send-time models are trained and gated."""
+
+    horizon_days: int = Field(90, ge=1, description="Churn horizon H: no purchase in (T, T+H] is churn.")
+    churn_on: Literal["purchase", "activity"] = Field("purchase", description="What counts as not churned.")
+    snapshot_every_days: int = Field(7, ge=1, description="Cadence of training snapshot times.")
+    max_snapshots: int = Field(26, ge=2, description="Use at most this many of the latest snapshot times.")
+    holdout_share: float = Field(
+        0.25, gt=0, lt=1, description="Share of the latest snapshot times (or sends) kept for the holdout."
+    )
+    recency_half_life_days: float = Field(
+        120.0, gt=0, description="Sample weight halves for every this many days a snapshot is older."
+    )
+    min_rows: int = Field(200, ge=10, description="Fewer training rows than this is an error.")
+    margin: float = Field(0.3, gt=0, le=1, description="Gross margin on revenue, for incremental profit.")
+    num_boost_round: int = Field(400, ge=10, description="LightGBM rounds before early stopping.")
+    learning_rate: float = Field(0.05, gt=0, le=1, description="LightGBM learning rate.")
+    num_leaves: int = Field(31, ge=2, description="LightGBM leaves per tree.")
+    seed: int = Field(7, description="Seed for every random choice in training.")
+
+
 class EngageConfig(_Strict):
     """All of Engage's tunable settings."""
 
     features: FeatureConfig = FeatureConfig()
+    training: TrainingConfig = TrainingConfig()
 
 
 class ConfigError(ValueError):

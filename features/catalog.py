@@ -166,3 +166,11 @@ def all_views(profile_columns: dict[str, str] | None = None) -> dict[str, list[F
     views = {name: list(feats) for name, feats in VIEWS.items()}
     views["customer_profile"] += profile_features(profile_columns or {})
     return views
+
+
+def service_features(service: str, profile_columns: dict[str, str] | None = None) -> list[str]:
+    """The feature names one feature service returns, in order."""
+    if service not in FEATURE_SERVICES:
+        raise KeyError(f"unknown feature service '{service}' (one of {', '.join(FEATURE_SERVICES)})")
+    views = all_views(profile_columns)
+    return [f.name for v in FEATURE_SERVICES[service] for f in views[v]]

@@ -48,14 +48,18 @@ def ingest_command(
 ) -> None:
     """Load contract files into ENGAGE_HOME; bad rows go to the rejects table, the good rows load."""
     from features.load import ContractError, ingest
+    from features.truth import store_ground_truth
 
     try:
         home_dir, _ = home_and_config(home)
         with console.status(f"loading {src} ..."):
             report = ingest(src, home_dir)
+            truth = store_ground_truth(src, home_dir)
     except (ContractError, ConfigError, OSError) as exc:
         fail(str(exc))
     console.print(report.format_table())
+    if truth:
+        console.print(f"kept the simulator's ground truth: {truth}")
 
 
 @features_app.command("build")

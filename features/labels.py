@@ -38,16 +38,18 @@ def churn_labels(
     times: Sequence[datetime],
     horizon_days: int = 90,
     on: ChurnOn = "purchase",
+    cutoff: datetime | None = None,
 ) -> pd.DataFrame:
     """One row per (customer signed up before T, T): ``customer_id, event_timestamp, churned``.
 
-    Only times whose horizon ends inside the data are allowed (the label would be unknown otherwise).
+    Only times whose horizon ends inside the data are allowed (the label would be unknown otherwise):
+    before ``cutoff`` when given (nothing at or after it is read), else at the last loaded event.
     """
     if horizon_days < 1:
         raise ValueError("horizon_days must be at least 1")
     if on not in ("purchase", "activity"):
         raise ValueError(f"churn label on '{on}' is not one of purchase, activity")
-    end = last_event_at(con)
+    end = last_event_at(con) if cutoff is None else min(last_event_at(con), to_utc(cutoff))
     late = [t for t in times if to_utc(t) + timedelta(days=horizon_days) > end]
     if late:
         raise SnapshotError(

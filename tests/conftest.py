@@ -31,3 +31,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for nodeid in _skipped:
                 reporter.write_line(f"  {nodeid}", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def sim_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulated world (2,000 customers, 365 days), loaded into its own ENGAGE_HOME.
+
+    Shared by the training tests: they read it and add snapshot files, never change loaded data.
+    """
+    from features.load import ingest
+    from features.simulate import simulate
+    from features.truth import store_ground_truth
+
+    root = tmp_path_factory.mktemp("sim")
+    src, home = root / "src", root / "home"
+    simulate(2000, 365, 11, src, progress=False)
+    ingest(src, home)
+    store_ground_truth(src, home)
+    return home
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point MLflow at a throwaway SQLite store, so tests never touch mlruns/."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.sqlite'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ENGAGE_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    return uri
