@@ -145,10 +145,13 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         for k in OFFER_KINDS
     ]
     red = [f"count(*) FILTER (WHERE kind_bucket = '{k}') AS offers_{k}_redeemed_365d" for k in OFFER_KINDS]
+    # Count per (customer, channel, local hour) first, then pivot: the timezone conversion then runs
+    # once per event instead of once per pivot column.
+    hp_channel = "CASE " + " ".join(f"WHEN {pred} THEN '{ch}'" for ch, pred in HOUR_PROFILE_CHANNELS.items()) + " END"
     hp = []
-    for ch, pred in HOUR_PROFILE_CHANNELS.items():
-        hp.append(f"count(*) FILTER (WHERE {pred}) AS {ch}_engagements_365d")
-        hp += [f"count(*) FILTER (WHERE {pred} AND local_hour = {h}) AS {ch}_n{h:02d}" for h in range(24)]
+    for ch in HOUR_PROFILE_CHANNELS:
+        hp.append(f"sum(n) FILTER (WHERE ch = '{ch}') AS {ch}_engagements_365d")
+        hp += [f"sum(n) FILTER (WHERE ch = '{ch}' AND local_hour = {h}) AS {ch}_n{h:02d}" for h in range(24)]
     hour_event_types = "('email_open', 'email_click', 'sms_click', 'push_open', 'session', 'page_view')"
     kinds = ", ".join(f"'{k}'" for k in OFFER_KINDS[:-1])
     # A message without an offer is the control arm: no offer kind at all.
@@ -200,7 +203,7 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
             f"coalesce(r.offers_{k}_redeemed_365d, 0) AS offers_{k}_redeemed_365d",
         ]
     for ch in HOUR_PROFILE_CHANNELS:
-        derived.append(f"coalesce(h.{ch}_engagements_365d, 0) AS {ch}_engagements_365d")
+        derived.append(f"coalesce(h.{ch}_engagements_365d, 0)::BIGINT AS {ch}_engagements_365d")
         derived += [
             f"coalesce(h.{ch}_n{hr:02d} / nullif(h.{ch}_engagements_365d, 0), 0)::DOUBLE AS {ch}_hour_{hr:02d}"
             for hr in range(24)
@@ -236,13 +239,19 @@ r AS (
           WHERE e.event_type = 'purchase' AND e.event_at < {t} AND e.event_at >= {t} - INTERVAL 365 DAY)
     GROUP BY customer_id
 ),
-h AS (
-    SELECT customer_id, {", ".join(hp)}
-    FROM (SELECT e.customer_id, e.event_type, e.channel,
+h_long AS (
+    SELECT customer_id, ch, local_hour, count(*) AS n
+    FROM (SELECT e.customer_id, {hp_channel} AS ch,
                  hour(timezone(c.timezone, e.event_at::TIMESTAMPTZ)) AS local_hour
           FROM events e JOIN cust c USING (customer_id)
           WHERE e.event_at < {t} AND e.event_at >= {t} - INTERVAL 365 DAY
             AND e.event_type IN {hour_event_types})
+    WHERE ch IS NOT NULL
+    GROUP BY ALL
+),
+h AS (
+    SELECT customer_id, {", ".join(hp)}
+    FROM h_long
     GROUP BY customer_id
 ),
 base AS (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import string
@@ -37,7 +38,17 @@ def repo_config(home: Path, yaml_file: Path = FEATURE_STORE_YAML) -> RepoConfig:
 
 def open_store(home: Path) -> FeatureStore:
     (home / "feast").mkdir(parents=True, exist_ok=True)
+    _quiet_offline_store()
     return FeatureStore(config=repo_config(home))
+
+
+def _quiet_offline_store() -> None:
+    """Feast's DuckDB offline store runs on ibis's default DuckDB connection, whose own progress bar
+    would draw over ours on every query longer than two seconds; commands show their own progress."""
+    import ibis
+
+    with contextlib.suppress(Exception):  # a different ibis backend has no such setting: nothing to quiet
+        ibis.get_backend().raw_sql("SET enable_progress_bar = false")
 
 
 def apply(store: FeatureStore, home: Path, profile_columns: dict[str, str], ttl_days: int) -> list[str]:
