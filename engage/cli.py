@@ -7,6 +7,7 @@ import logging
 import typer
 
 from features.cli import features_app, ingest_command, simulate_command
+from training.cli import models_app, train_command
 
 app = typer.Typer(
     name="engage",
@@ -20,6 +21,8 @@ app.command("ingest", help="Load contract files (customers, events, offers, expo
     ingest_command
 )
 app.add_typer(features_app, name="features")
+app.command("train", help="Train churn, nbo, send-time or all; log to MLflow, register and gate.")(train_command)
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:
