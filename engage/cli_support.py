@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -14,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from engage.config import EngageConfig, config_path, load_config
 from engage.settings import ensure_home, resolve_home
 
-console = Console()
-err_console = Console(stderr=True)
+# Tables stay readable when output goes to a file or CI log (rich would assume 80 columns there).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 HomeOption = Annotated[
     Path | None,

@@ -112,14 +112,15 @@ def compare_command(
             continue
         champ = next((r for r in mine if "champion" in r["aliases"]), None)
         cols = [k for k in HEADLINE[name] if any(k in r["metrics"] for r in mine)]
-        table = Table("version", "aliases", *cols, *(f"Δ {c} vs champion" for c in cols), "gate", title=name)
+        main = cols[0] if cols else None
+        table = Table("version", "aliases", "as of", *cols, f"Δ {main} vs champion", "gate decision", title=name)
         for r in mine:
             vals = [_metric(r["metrics"].get(c)) for c in cols]
-            deltas = [
-                _metric(r["metrics"][c] - champ["metrics"][c]) if champ and c in r["metrics"] and c in champ["metrics"]
-                else "" for c in cols
-            ]
-            table.add_row(str(r["version"]), ",".join(r["aliases"]), *vals, *deltas, r["gate_reason"][:70])
+            delta = (
+                f"{r['metrics'][main] - champ['metrics'][main]:+.4f}"
+                if champ and main in r["metrics"] and main in champ["metrics"] else ""
+            )
+            table.add_row(str(r["version"]), ",".join(r["aliases"]), r["as_of"][:10], *vals, delta, r["gate_reason"])
         console.print(table)
 
 

@@ -175,12 +175,18 @@ def versions(model_name: str | None = None) -> list[dict]:
     client = connect()
     filt = f"name = '{model_name}'" if model_name else ""
     rows = []
+    aliases: dict[str, dict[str, list[str]]] = {}
     for mv in client.search_model_versions(filt):
+        if mv.name not in aliases:
+            by_version: dict[str, list[str]] = {}
+            for alias, v in client.get_registered_model(mv.name).aliases.items():
+                by_version.setdefault(str(v), []).append(alias)
+            aliases[mv.name] = by_version
         run = client.get_run(mv.run_id) if mv.run_id else None
         rows.append({
             "model": mv.name,
             "version": int(mv.version),
-            "aliases": list(mv.aliases),
+            "aliases": sorted(aliases[mv.name].get(str(mv.version), [])),
             "run_id": mv.run_id,
             "created": mv.creation_timestamp,
             "as_of": (mv.tags or {}).get("trained_as_of", ""),
