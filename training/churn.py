@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "churn"
 SERVICE = "churn"
 TOP_REASONS = 3
+MONOTONE = {
+    "days_since_last_purchase": 1, "days_since_last_activity": 1, "btyd_p_alive": -1, "btyd_expected_purchases_90d": -1,
+}
 
 
 class ChurnModel(mlflow.pyfunc.PythonModel):
@@ -174,6 +177,8 @@ def train(ctx: TrainContext) -> TrainResult:
         "lambda_l2": 1.0, "seed": tcfg.seed, "deterministic": True, "num_threads": 2, "verbose": -1,
     }
     cats = [matrix.columns_.index(c) for c in matrix.categorical_]
+    # Domain knowledge the data is too small to always find: longer silence never lowers risk.
+    params["monotone_constraints"] = [MONOTONE.get(c, 0) for c in matrix.columns_]
     dtrain = lgb.Dataset(X[fit_idx], y_train[fit_idx], weight=weights[fit_idx], feature_name=matrix.columns_,
                          categorical_feature=cats, free_raw_data=False)
     dval = lgb.Dataset(X[val_idx], y_train[val_idx], weight=weights[val_idx], reference=dtrain)
@@ -192,7 +197,7 @@ def train(ctx: TrainContext) -> TrainResult:
     rfm = _rfm_rule(hold_df)
     logreg = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
                            LogisticRegression(max_iter=2000))
-    logreg.fit(np.where(np.isnan(X), np.nan, X)[:, _numeric(matrix)], y_train, logisticregression__sample_weight=weights)
+    logreg.fit(X[:, _numeric(matrix)], y_train, logisticregression__sample_weight=weights)
     p_logreg = logreg.predict_proba(X_hold[:, _numeric(matrix)])[:, 1]
     metrics["rfm_rule_roc_auc"] = float(roc_auc_score(y_hold, rfm))
     metrics.update(binary_metrics(y_hold, p_logreg, prefix="logreg_"))
@@ -230,6 +235,11 @@ def train(ctx: TrainContext) -> TrainResult:
         evaluate=evaluate,
         holdout_description=f"churn snapshots {describe_window(hold_df)}",
         plots=out_plots,
+        tables={"snapshots": pd.DataFrame({
+            "snapshot_at": [t.isoformat() for t in times],
+            "role": ["holdout" if t >= hold_from else
+                     ("train" if t + timedelta(days=ctx.horizon) <= hold_from else "gap") for t in times],
+        })},
         tags={"label": f"no {tcfg.churn_on} in {ctx.horizon} days"},
     )
 

@@ -167,7 +167,7 @@ def promote(model_name: str, version: str) -> str:
     client.set_registered_model_alias(model_name, CHAMPION, version)
     if previous is not None and previous.version != version:
         client.set_registered_model_alias(model_name, CHALLENGER, previous.version)
-    return previous.version if previous else ""
+    return str(previous.version) if previous else ""
 
 
 def versions(model_name: str | None = None) -> list[dict]:
