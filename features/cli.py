@@ -62,6 +62,15 @@ def ingest_command(
         console.print(f"kept the simulator's ground truth: {truth}")
 
 
+def _warehouse(home_dir: Path):
+    """A read-only connection to the loaded data, or a clear error when nothing is loaded yet."""
+    from features.load import connect_warehouse, warehouse_path
+
+    if not warehouse_path(home_dir).exists():
+        fail(f"no data loaded in {home_dir}: run `engage ingest DIR` first")
+    return connect_warehouse(home_dir, read_only=True)
+
+
 @features_app.command("build")
 def build_command(
     as_of: Annotated[
@@ -72,13 +81,12 @@ def build_command(
     home: HomeOption = None,
 ) -> None:
     """Compute point-in-time feature snapshots with DuckDB (rows strictly before each time)."""
-    from features.load import connect_warehouse
     from features.snapshots import SnapshotError, build_snapshots, to_utc
 
     try:
         home_dir, cfg = home_and_config(home)
         times = [to_utc(t) for t in as_of] if as_of else None
-        con = connect_warehouse(home_dir, read_only=True)
+        con = _warehouse(home_dir)
         with progress_bar("building snapshots", len(times) if times else 1) as (bar, task):
             results = build_snapshots(con, home_dir, cfg.features, times, on_done=lambda _: bar.advance(task))
     except (SnapshotError, ConfigError, OSError) as exc:
@@ -91,12 +99,11 @@ def build_command(
 def apply_command(home: HomeOption = None) -> None:
     """Register the customer entity, feature views and feature services in Feast."""
     from features import store as fstore
-    from features.load import connect_warehouse
     from features.snapshots import profile_columns
 
     try:
         home_dir, cfg = home_and_config(home)
-        con = connect_warehouse(home_dir, read_only=True)
+        con = _warehouse(home_dir)
         names = fstore.apply(
             fstore.open_store(home_dir), home_dir, profile_columns(con), cfg.features.snapshot_ttl_days
         )
