@@ -58,3 +58,14 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("ENGAGE_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
     return uri
+
+
+@pytest.fixture(scope="session")
+def trained_churn(sim_home: Path):
+    """The churn pipeline trained once on ``sim_home``: (context, TrainResult)."""
+    from engage.config import load_config
+    from training import churn
+    from training.context import open_context
+
+    with open_context(sim_home, load_config()) as ctx:
+        yield ctx, churn.train(ctx)

@@ -15,11 +15,10 @@ from training.base import TrainingError
 from training.context import open_context
 
 
-@pytest.fixture(scope="module")
-def trained(sim_home):
-    with open_context(sim_home, load_config()) as ctx:
-        result = churn.train(ctx)
-        yield ctx, result
+@pytest.fixture
+def trained(trained_churn):
+    return trained_churn
+
 
 
 def test_training_snapshots_end_a_horizon_before_the_holdout(trained):

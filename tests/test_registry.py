@@ -16,10 +16,10 @@ from training.base import GateRule, TrainingError
 from training.context import open_context
 
 
-@pytest.fixture(scope="module")
-def trained(sim_home):
-    with open_context(sim_home, load_config()) as ctx:
-        yield ctx, churn.train(ctx)
+@pytest.fixture
+def trained(trained_churn):
+    return trained_churn
+
 
 
 def _weak(result):
