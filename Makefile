@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ENGAGE := $(VENV)/bin/engage
 export ENGAGE_HOME ?= $(CURDIR)/data
 
-DEMO_CUSTOMERS ?= 20000
+DEMO_CUSTOMERS ?= 10000
 DEMO_DAYS ?= 365
 DEMO_SEED ?= 7
 SIM_DIR := $(ENGAGE_HOME)/simulated/n$(DEMO_CUSTOMERS)-d$(DEMO_DAYS)-s$(DEMO_SEED)

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
-import pandas as pd
-from feast import FeatureStore
+if TYPE_CHECKING:  # only for annotations: `engage --help` must not pay for importing Feast
+    import duckdb
+    import pandas as pd
+    from feast import FeatureStore
 
-from engage.config import EngageConfig
+    from engage.config import EngageConfig
 
 MODEL_NAMES = {"churn": "churn", "nbo": "next_best_offer", "send-time": "send_time"}
 
