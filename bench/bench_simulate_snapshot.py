@@ -119,7 +119,8 @@ def main() -> None:
     src, home = work / "src", work / "home"
     home.mkdir(parents=True)
 
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
     print(f"workload: {args.customers:,} customers x {args.days} days\n")
     rows = []
 
