@@ -12,7 +12,7 @@ DEMO_DAYS ?= 365
 DEMO_SEED ?= 7
 SIM_DIR := $(ENGAGE_HOME)/simulated/n$(DEMO_CUSTOMERS)-d$(DEMO_DAYS)-s$(DEMO_SEED)
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench mlflow-ui clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,8 @@ demo: install
 	$(ENGAGE) features apply
 	$(ENGAGE) features materialize
 	$(ENGAGE) features show --sample 2
+	$(ENGAGE) train all
+	$(ENGAGE) models compare
 
 test: install
 	$(PY) -m pytest
@@ -40,6 +42,10 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_simulate_snapshot.py
+	$(PY) bench/bench_model_quality.py
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache
