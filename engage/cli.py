@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from features.cli import features_app, ingest_command, simulate_command
+from features.cli import features_app, ingest_command, rejects_command, simulate_command
 from training.cli import models_app, train_command
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app.command("simulate", help="Simulate a customer base with ground truth into co
 app.command("ingest", help="Load contract files (customers, events, offers, exposures) into ENGAGE_HOME.")(
     ingest_command
 )
+app.command("rejects", help="Show rows the last loads rejected, with reasons and original values.")(rejects_command)
 app.add_typer(features_app, name="features")
 app.command("train", help="Train churn, nbo, send-time or all; log to MLflow, register and gate.")(train_command)
 app.add_typer(models_app, name="models")

@@ -156,3 +156,25 @@ def show_command(
         fail(str(exc))
     console.print(f"online features ({service}) for {', '.join(ids)}:")
     console.print(df.set_index("customer_id").T.to_string(), highlight=False)
+
+
+def rejects_command(
+    table: Annotated[str | None, typer.Option("--table", help="Only rows of this table (customers, events, ...).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help="Rows to show.")] = 20,
+    home: HomeOption = None,
+) -> None:
+    """Show rejected rows with their reason and original values, newest first."""
+    home_dir, _ = home_and_config(home)
+    con = _warehouse(home_dir)
+    where, params = ("WHERE table_name = ?", [table]) if table else ("", [])
+    counts = con.execute(f"SELECT table_name, count(*) FROM rejects {where} GROUP BY 1 ORDER BY 1", params).fetchall()
+    if not counts:
+        console.print("no rejected rows" + (f" for table {table}" if table else ""))
+        return
+    console.print("rejected rows: " + ", ".join(f"{t} {n:,}" for t, n in counts))
+    df = con.execute(
+        f"SELECT table_name, source_file, row_number, reason, original FROM rejects {where} "
+        "ORDER BY rejected_at DESC, table_name, row_number LIMIT ?",
+        [*params, limit],
+    ).df()
+    console.print(df.to_string(index=False, max_colwidth=80), highlight=False)

@@ -19,7 +19,7 @@ def run(*args: str):
     "command",
     [[], ["simulate"], ["ingest"], ["features"], ["features", "build"], ["features", "apply"],
      ["features", "materialize"], ["features", "show"], ["train"], ["models"], ["models", "list"],
-     ["models", "compare"], ["models", "promote"]],
+     ["models", "compare"], ["models", "promote"], ["rejects"]],
 )
 def test_every_command_has_help(command):
     result = run(*command, "--help")
@@ -71,6 +71,19 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch, args, message):
     assert result.exit_code != 0
     assert "Traceback" not in result.output
     assert message in result.output
+
+
+def test_rejects_command_shows_reason_and_original(tmp_path):
+    from tests.factories import EVENTS
+
+    home = str(tmp_path / "home")
+    bad = EVENTS.copy()
+    bad.loc[0, "event_type"] = "buy"
+    assert run("ingest", str(write_contract(tmp_path / "src", events=bad)), "--home", home).exit_code == 0
+    shown = run("rejects", "--home", home, "--table", "events")
+    assert shown.exit_code == 0
+    assert "events 1" in shown.output and "'buy'" in shown.output and "e1" in shown.output
+    assert "no rejected rows" in run("rejects", "--home", home, "--table", "offers").output
 
 
 def test_failed_ingest_reports_without_traceback(tmp_path):
