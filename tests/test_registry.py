@@ -43,6 +43,12 @@ def test_first_version_is_champion_with_signature_and_features(trained, mlflow_u
     assert json.loads(mv.tags["features"]) == result.features
     info = mlflow.models.get_model_info("models:/churn@champion")
     assert info.signature is not None and info.saved_input_example_info is not None
+    loaded = mlflow.pyfunc.load_model("models:/churn@champion")
+    rows = result.holdout[result.features].head(3).reset_index(drop=True)
+    ints = rows.select_dtypes(include=["integer", "bool"]).columns
+    rows[ints] = rows[ints].astype("float64")  # the signature's contract: numeric features are doubles
+    assert len(loaded.predict(rows)) == 3
+    assert len(loaded.predict(rows.assign(orders_30d=np.nan))) == 3  # a missing count is accepted
     run = client.get_run(reg.run_id)
     assert run.data.metrics["roc_auc"] == pytest.approx(result.metrics["roc_auc"])
     assert any(a.path == "plots" for a in client.list_artifacts(reg.run_id))

@@ -122,12 +122,17 @@ def log_and_register(result: TrainResult, ctx: TrainContext, experiment: str = D
                 mlflow.log_artifact(str(plot), artifact_path="plots")
             for name, table in result.tables.items():
                 mlflow.log_table(table, artifact_file=f"tables/{name}.json")
-            output = result.python_model.predict(None, result.input_example)
+            # Counts are integers in Feast but missing for a customer the online store lacks: record them
+            # as doubles, or MLflow's schema enforcement would refuse exactly the rows serving must score.
+            example = result.input_example.copy()
+            ints = example.select_dtypes(include=["integer", "bool"]).columns
+            example[ints] = example[ints].astype("float64")
+            output = result.python_model.predict(None, example)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=result.python_model,
-                signature=infer_signature(result.input_example, output),
-                input_example=result.input_example,
+                signature=infer_signature(example, output),
+                input_example=example,
                 registered_model_name=result.model_name,
                 # Explicit requirements: inferring them would re-load the model in a subprocess.
                 pip_requirements=_requirements(),
