@@ -1,0 +1,499 @@
+"""Send-time model: P(open within 24 h | customer, channel, local send hour) and the best hour to send.
+
+Hierarchical empirical Bayes per channel, on the logit scale:
+
+    logit P(open | h) = logit g_group(h) + a + b * z_own(h) + c * z_all(h) + d . level
+
+- ``g_global(h)``: a logistic Fourier series in the local send hour fitted to the training sends (the
+  number of harmonics chosen on the validation slice). ``g_group(h)`` is the customer's ``country`` (a
+  coarse group taken from the service's own features) as a deviation from it under a Gaussian prior, the
+  prior's strength chosen on the validation slice (none: no group level, the default unless it helps).
+- ``z_own(h)``: the customer's evidence. Each engagement at local hour t on the channel is read as a noisy
+  sign of a preferred hour p (``0.7 N(t - p - shift, sigma) + 0.3 uniform``, the log-likelihood tempered
+  so bursts of events do not count in full); with the population prior over p (EM over all customers'
+  engagement), the posterior gives the expected response
+  ``floor + (1 - floor) exp(-(h - p)^2 / 2 width^2)``, and z is its log ratio to the same under the prior.
+  ``z_all`` reads all channels' engagement with a flat prior. Without history z = 0, so a new customer gets
+  the group/global best hour; the more history, the more the curve follows it: that is the shrinkage.
+- ``level``: log engagement counts; they move the expected open rate, not the hour.
+
+Hyperparameters are picked by log loss on a validation slice (the latest 20% of the training sends), then
+everything is refit on all training sends.
+
+Why not LightGBM: on a 20,000-customer simulated year, LightGBM over the candidate hour, channel, share at
+that hour, circular distance to the profile's peak, shifted counts and level features (with or without the
+global curve as offset) reached a true open ratio to the oracle hour of 0.774-0.780; this model reaches
+0.80, the global best hour 0.766, and a Bayes rule that knows the simulator's generative model about 0.80.
+The trees read per-hour evidence additively and barely use it next to the strong level features; the
+posterior combines several engagements multiplicatively, and a few parameters per channel stay stable on
+small data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from features.catalog import HOUR_PROFILE_CHANNELS, service_features  # noqa: E402
+from features.snapshots import profile_columns  # noqa: E402
+from training.base import GateRule, TrainContext, TrainingError, TrainResult  # noqa: E402
+from training.datasets import describe_window, exposures_dataset, split_by_time  # noqa: E402
+from training.evaluate import binary_metrics  # noqa: E402
+from training.matrix import FeatureMatrix  # noqa: E402
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "send_time"
+SERVICE = "send_time"
+CHANNELS = tuple(HOUR_PROFILE_CHANNELS)
+HOURS = np.arange(24)
+GROUP = "country"
+VALIDATION_SHARE = 0.2
+MIN_CHANNEL_SENDS = 100  # a channel (or group) with fewer training sends is not modelled on its own
+Evidence = tuple[float, float, float, float, float]  # shift, sigma, width, floor, tempering
+_DIFF = (HOURS[:, None] - HOURS[None, :] + 12) % 24 - 12  # signed circular a - b
+_FLAT = np.full(24, 1 / 24)
+
+
+@dataclass
+class ChannelFit:
+    """One channel's curves and coefficients (``theta``: intercept, z_own, z_all, three levels)."""
+
+    global_curve: np.ndarray  # (24,) open rate by local hour
+    group_curves: np.ndarray  # (groups, 24): row i for the group with category code i
+    supported: np.ndarray  # (24,) bool: hours with enough training sends to be recommended
+    evidence: Evidence
+    prior: np.ndarray  # (24,) population distribution of the preferred hour
+    theta: np.ndarray
+
+
+def _kernel(bw: float, shift: float = 0.0) -> np.ndarray:
+    """K[a, b] = exp(-(a - b - shift)^2 / 2 bw^2), distances around the clock."""
+    return np.exp(-0.5 * (((_DIFF - shift + 12) % 24 - 12) / bw) ** 2)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-5, 1 - 1e-5)
+    return np.log(p / (1 - p))
+
+
+def _row_loss(y: np.ndarray, logit: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0, logit) - y * logit
+
+
+def _fit_logistic(offset: np.ndarray, Z: np.ndarray, y: np.ndarray, l2: float = 1e-3, nonneg: int = 2) -> np.ndarray:
+    """Logistic regression with a fixed offset and an intercept, L2 ``l2`` on the slopes (mean-loss scale).
+
+    The first ``nonneg`` slopes (the evidence) stay >= 0: engaging at an hour is never read as a reason
+    to avoid it (a negative fit on small data is noise).
+    """
+    A = np.column_stack([np.ones(len(y)), Z])
+
+    def loss(theta):
+        s = offset + A @ theta
+        grad = A.T @ (1 / (1 + np.exp(-s)) - y) / len(y) + 2 * l2 * np.r_[0, theta[1:]]
+        return _row_loss(y, s).mean() + l2 * theta[1:] @ theta[1:], grad
+
+    bounds = [(None, None)] + [(0, None)] * nonneg + [(None, None)] * (A.shape[1] - 1 - nonneg)
+    return minimize(loss, np.zeros(A.shape[1]), jac=True, method="L-BFGS-B", bounds=bounds).x
+
+
+def _pick(candidates: tuple, losses: list[np.ndarray]):
+    """The first (simplest) candidate unless another beats it by two standard errors of the paired loss."""
+    best = 0
+    for i, loss in enumerate(losses[1:], 1):
+        diff = losses[best] - loss
+        if diff.mean() > 2 * diff.std() / np.sqrt(len(diff)):
+            best = i
+    return candidates[best]
+
+
+def hour_curve(hours: np.ndarray, opened: np.ndarray, harmonics: int, prior: np.ndarray | None = None,
+               strength: float = 0.0) -> np.ndarray:
+    """Open rate by local hour, (24,): a logistic Fourier series, free of a kernel smoother's edge bias.
+
+    With ``prior`` (a curve) the series is a deviation from it whose coefficients have a Gaussian prior
+    worth about ``strength`` sends, so a small group stays near ``prior``.
+    """
+    basis = lambda h: np.column_stack([f(2 * np.pi * np.outer(h, np.arange(1, harmonics + 1)) / 24)  # noqa: E731
+                                       for f in (np.cos, np.sin)])
+    off = np.zeros(24) if prior is None else _logit(prior)
+    l2 = strength / len(hours) if prior is not None else 1e-6
+    theta = _fit_logistic(off[hours], basis(hours), opened, l2=l2, nonneg=0)
+    return 1 / (1 + np.exp(-(off + theta[0] + basis(HOURS) @ theta[1:])))
+
+
+def hour_counts(X: np.ndarray, cols: dict[str, int], channel: str) -> np.ndarray:
+    """(rows, 24) engagement counts per local hour on ``channel`` (share x total; missing = none)."""
+    share = np.nan_to_num(X[:, [cols[f"{channel}_hour_{h:02d}"] for h in HOURS]].astype(float))
+    return share * np.nan_to_num(X[:, cols[f"{channel}_engagements_365d"]].astype(float))[:, None]
+
+
+def _posterior(counts: np.ndarray, shift: float, sigma: float, temper: float, prior: np.ndarray) -> np.ndarray:
+    """P(preferred hour p | engagement hours), (rows, 24); ``temper`` < 1 counts bursts less than fully."""
+    kappa = 0.7 * _kernel(sigma, shift) / (sigma * np.sqrt(2 * np.pi)) + 0.3 / 24  # [t, p]
+    logpost = temper * counts @ np.log(kappa) + np.log(prior)
+    post = np.exp(logpost - logpost.max(axis=1, keepdims=True))
+    return post / post.sum(axis=1, keepdims=True)
+
+
+def preference_prior(counts: np.ndarray, shift: float, sigma: float, temper: float, iters: int = 25) -> np.ndarray:
+    """Population distribution of the preferred hour: the prior equal to the mean of its own posteriors
+    over the distinct engagement profiles (EM for a nonparametric prior); flat without any."""
+    profiles = np.unique(counts[counts.sum(axis=1) > 0], axis=0)
+    prior = _FLAT
+    for _ in range(iters if len(profiles) else 0):
+        prior = _posterior(profiles, shift, sigma, temper, prior).mean(axis=0) + 1e-4
+        prior /= prior.sum()
+    return prior
+
+
+def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray) -> np.ndarray:
+    """log E[response(h)] under the posterior minus under the prior, (rows, 24); 0 without engagement."""
+    shift, sigma, width, floor, temper = ev
+    response = floor + (1 - floor) * _kernel(width).T  # [p, h]
+    z = np.log(_posterior(counts, shift, sigma, temper, prior) @ response) - np.log(prior @ response)
+    z[counts.sum(axis=1) == 0] = 0.0
+    return z
+
+
+def evidence_inputs(X: np.ndarray, cols: dict[str, int], channel: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Own-channel counts, all-channel counts (rows, 24) and level terms (rows, 3) of a prepared matrix."""
+    own = hour_counts(X, cols, channel)
+    every = sum(hour_counts(X, cols, c) for c in CHANNELS)
+    active = np.nan_to_num(X[:, cols["active_days_30d"]].astype(float))
+    return own, every, np.log1p(np.column_stack([own.sum(axis=1), every.sum(axis=1), active]))
+
+
+class SendTimeModel(mlflow.pyfunc.PythonModel):
+    """Open-rate curves per customer and channel, and the best local hour to send.
+
+    ``predict`` takes rows of the ``send_time`` feature service with a ``channel`` column; serving can
+    call ``prepare`` once, then ``open_curve_matrix`` and ``best_hours`` on the matrix without DataFrames.
+    """
+
+    def __init__(self, matrix: FeatureMatrix, fits: dict[str, ChannelFit]):
+        self.matrix = matrix
+        self.fits = fits
+        self.cols = {c: i for i, c in enumerate(matrix.columns_)}
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.fits)
+
+    def prepare(self, df: pd.DataFrame) -> np.ndarray:
+        return self.matrix.transform(df)
+
+    def _fit(self, channel: str) -> ChannelFit:
+        if channel not in self.fits:
+            raise ValueError(f"no send-time model for channel {channel!r} (modelled: {', '.join(self.fits)})")
+        return self.fits[channel]
+
+    def group_codes(self, X: np.ndarray) -> np.ndarray:
+        """Category code of each row's group, -1 when unknown."""
+        if GROUP not in self.matrix.categories_:
+            return np.full(len(X), -1)
+        return np.nan_to_num(X[:, self.cols[GROUP]], nan=-1).astype(int)
+
+    def open_curve_matrix(self, X: np.ndarray, channel: str) -> np.ndarray:
+        """P(open within 24 h) at each local send hour, (rows, 24), for a prepared matrix.
+
+        At hours without training sends (see ``allowed_hours``) the curve is an extrapolation, never chosen.
+        """
+        f = self._fit(channel)
+        code = self.group_codes(X)
+        base = np.where((code >= 0)[:, None], f.group_curves[np.maximum(code, 0)], f.global_curve)
+        own, every, level = evidence_inputs(X, self.cols, channel)
+        z = f.theta[1] * evidence_curve(own, f.evidence, f.prior)
+        z += f.theta[2] * evidence_curve(every, (0.0, 2.0, *f.evidence[2:]), _FLAT)
+        return 1 / (1 + np.exp(-(_logit(base) + f.theta[0] + z + (level @ f.theta[3:])[:, None])))
+
+    def allowed_hours(self, channel: str, allowed: list[int] | None = None) -> np.ndarray:
+        """Hours that may be recommended: with training sends, and inside ``allowed`` (default 0-23)."""
+        mask = self._fit(channel).supported.copy()
+        if allowed is not None:
+            mask &= np.isin(HOURS, np.asarray(allowed, dtype=int))
+        if not mask.any():
+            raise ValueError(f"no allowed hour on {channel} has training sends (allowed: {allowed})")
+        return mask
+
+    def best_hours(self, curves: np.ndarray, channel: str, allowed: list[int] | None = None) -> np.ndarray:
+        return np.where(self.allowed_hours(channel, allowed), curves, -np.inf).argmax(axis=1)
+
+    def global_best_hour(self, channel: str, allowed: list[int] | None = None) -> int:
+        return int(self.best_hours(self._fit(channel).global_curve[None], channel, allowed)[0])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Best local hour, its expected open rate, the global best hour, uplift, and the 24-hour curve.
+
+        ``params={"allowed_hours": [...]}`` narrows the search (quiet hours are the scoring service's
+        policy). ``uplift_vs_global_hour`` is the customer's open rate at their best hour minus at the
+        channel's global best hour, in probability.
+        """
+        allowed = (params or {}).get("allowed_hours")
+        df = model_input.reset_index(drop=True)
+        X, channels = self.prepare(df), df["channel"].astype(str).to_numpy()
+        best, glob = np.zeros(len(df), int), np.zeros(len(df), int)
+        curves = np.zeros((len(df), 24))
+        for channel in np.unique(channels):
+            rows = np.flatnonzero(channels == channel)
+            curves[rows] = self.open_curve_matrix(X[rows], channel)
+            best[rows] = self.best_hours(curves[rows], channel, allowed)
+            glob[rows] = self.global_best_hour(channel, allowed)
+        at, at_global = curves[np.arange(len(df)), best], curves[np.arange(len(df)), glob]
+        out = pd.DataFrame({"best_local_hour": best, "expected_open_rate": at, "global_best_hour": glob,
+                            "uplift_vs_global_hour": at - at_global})
+        return pd.concat([out, pd.DataFrame(curves, columns=[f"open_rate_h{h:02d}" for h in HOURS])], axis=1)
+
+
+def _fit_channel(parts: dict[str, tuple], cols: dict[str, int], channel: str, n_groups: int) -> ChannelFit:
+    """Pick the curve's harmonics, the group strength and the evidence kernel on ``val``, refit on ``all``.
+
+    Args:
+        parts: ``fit``, ``val`` and ``all`` training rows of the channel, each ``(X, hour, opened, group)``
+            with group the category code of the customer's group (-1: none).
+    """
+    (_, hf, yf, gf), (_, hv, yv, gv), (_, ha, ya, ga) = parts["fit"], parts["val"], parts["all"]
+    inputs = {name: evidence_inputs(part[0], cols, channel) for name, part in parts.items()}
+    cross: dict[tuple, np.ndarray] = {}  # the all-channel evidence depends on width and floor only
+
+    def curves(h, y, g, harmonics, strength):
+        glob = hour_curve(h, y, harmonics)
+        grp = np.tile(glob, (max(n_groups, 1), 1))  # one spare row: indexing never fails without groups
+        for k in np.unique(g[g >= 0]) if np.isfinite(strength) else ():
+            if (g == k).sum() >= MIN_CHANNEL_SENDS:
+                grp[k] = hour_curve(h[g == k], y[g == k], harmonics, glob, strength)
+        return glob, grp
+
+    def offset(glob, grp, g, h):
+        return _logit(np.where(g >= 0, grp[np.maximum(g, 0), h], glob[h]))
+
+    def design(name, ev, prior):
+        (own, every, level), h = inputs[name], parts[name][1]
+        if (name, *ev[2:]) not in cross:
+            cross[(name, *ev[2:])] = evidence_curve(every, (0.0, 2.0, *ev[2:]), _FLAT)[np.arange(len(h)), h]
+        return np.column_stack([evidence_curve(own, ev, prior)[np.arange(len(h)), h], cross[(name, *ev[2:])], level])
+
+    sizes = (2, 3, 4, 6)  # the smoothest first: a rougher curve must earn its place
+    harmonics = _pick(sizes, [_row_loss(yv, _logit(curves(hf, yf, gf, k, np.inf)[0][hv])) for k in sizes])
+    strengths = (np.inf, 1000.0, 300.0, 100.0) if n_groups else (np.inf,)  # no group level first
+    strength = _pick(strengths, [_row_loss(yv, offset(*curves(hf, yf, gf, harmonics, s), gv, hv))
+                                 for s in strengths])
+    glob, grp = curves(hf, yf, gf, harmonics, strength)
+    off_f, off_v = offset(glob, grp, gf, hf), offset(glob, grp, gv, hv)
+
+    def score(ev):
+        prior = preference_prior(inputs["fit"][0], ev[0], ev[1], ev[4])
+        theta = _fit_logistic(off_f, design("fit", ev, prior), yf)
+        return _row_loss(yv, off_v + theta[0] + design("val", ev, prior) @ theta[1:]).mean()
+
+    ev = [1.0, 1.5, 2.0, 0.3, 0.5]  # one coordinate-descent pass over shift, sigma, width, floor, tempering
+    for i, grid in enumerate(((-1.0, 0.0, 1.0, 2.0, 3.0), (1.0, 2.0), (1.5, 2.5), (0.1, 0.3), (0.25, 0.5, 1.0))):
+        ev[i] = min(grid, key=lambda v: score((*ev[:i], v, *ev[i + 1:])))
+    evidence = (ev[0], ev[1], ev[2], ev[3], ev[4])
+    glob, grp = curves(ha, ya, ga, harmonics, strength)
+    prior = preference_prior(inputs["all"][0], ev[0], ev[1], ev[4])
+    theta = _fit_logistic(offset(glob, grp, ga, ha), design("all", evidence, prior), ya)
+    sends = np.bincount(ha, minlength=24)
+    log.info("send time %s: %d harmonics, group strength %s, evidence %s, theta %s", channel, harmonics,
+             strength, evidence, np.round(theta, 3))
+    return ChannelFit(glob, grp, sends >= max(10, 0.1 * sends.max()), evidence, prior, theta)
+
+
+@threadpool_limits.wrap(limits=1, user_api="blas")  # small matrices: BLAS threads only cost time
+def fit_model(train_df: pd.DataFrame, features: list[str]) -> SendTimeModel:
+    """Fit every channel with enough training sends of both outcomes; the latest sends validate."""
+    model = SendTimeModel(FeatureMatrix(features).fit(train_df), {})
+    X = model.prepare(train_df)
+    stamp = train_df["event_timestamp"]
+    is_val = (stamp >= stamp.quantile(1 - VALIDATION_SHARE)).to_numpy()
+    group = model.group_codes(X)
+    hour, opened = train_df["local_hour"].to_numpy().astype(int), train_df["opened_24h"].to_numpy().astype(float)
+    for channel in CHANNELS:
+        m = (train_df["channel"] == channel).to_numpy()
+        rows = {"fit": m & ~is_val, "val": m & is_val, "all": m}
+        if m.sum() < MIN_CHANNEL_SENDS or any(len(np.unique(opened[r])) < 2 for r in rows.values()):
+            log.warning("send time: %s has %d training sends, %d opened: not modelled", channel, m.sum(),
+                        opened[m].sum())
+            continue
+        parts = {k: (X[r], hour[r], opened[r], group[r]) for k, r in rows.items()}
+        model.fits[channel] = _fit_channel(parts, model.cols, channel, len(model.matrix.categories_.get(GROUP, [])))
+    if not model.fits:
+        raise TrainingError(f"no channel has {MIN_CHANNEL_SENDS} training sends with both opened and unopened "
+                            "ones, early and late: load a longer campaign log")
+    return model
+
+
+def _circ_dist(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
+    return np.abs((np.asarray(a) - b + 12) % 24 - 12)
+
+
+@threadpool_limits.wrap(limits=1, user_api="blas")
+def evaluate(model: SendTimeModel, holdout: pd.DataFrame) -> dict[str, float]:
+    """Replay on held-out sends; channels weighted by their share of the held-out sends.
+
+    ``holdout_open_rate_at_chosen_hour``: per channel, the open rate of the held-out sends whose local hour
+    is the model's best hour for that customer (features as of the send); ``within_1h`` also counts sends
+    one hour off. The same for the channel's global best hour and for a random allowed hour (every send at
+    an allowed hour: the campaign log sends at random hours). Plus the predicted rate's quality at the
+    hour actually sent (``holdout_roc_auc``, ``holdout_brier``, ...).
+    """
+    hold = holdout[holdout["channel"].isin(model.channels)].reset_index(drop=True)
+    X = model.prepare(hold)
+    hour, y = hold["local_hour"].to_numpy().astype(int), hold["opened_24h"].to_numpy().astype(float)
+    p, rates, matches = np.full(len(hold), np.nan), {}, 0
+    for channel in model.channels:
+        rows = np.flatnonzero((hold["channel"] == channel).to_numpy())
+        if not len(rows):
+            continue
+        cur = model.open_curve_matrix(X[rows], channel)
+        p[rows] = cur[np.arange(len(rows)), hour[rows]]
+        chosen, g, h = model.best_hours(cur, channel), model.global_best_hour(channel), hour[rows]
+        matches += int((h == chosen).sum())
+        for name, hit in (("at_chosen_hour", h == chosen), ("within_1h_of_chosen_hour", _circ_dist(h, chosen) <= 1),
+                          ("at_global_hour", h == g), ("within_1h_of_global_hour", _circ_dist(h, g) <= 1),
+                          ("at_random_hour", model.allowed_hours(channel)[h])):
+            if hit.any():
+                rates.setdefault(name, []).append((len(rows), y[rows][hit].mean()))
+    out = {f"holdout_open_rate_{k}": float(np.average([r for _, r in v], weights=[n for n, _ in v]))
+           for k, v in rates.items()}
+    out |= {"holdout_replay_matches": float(matches), "holdout_open_rate": float(y.mean()) if len(y) else np.nan}
+    if len(np.unique(y)) == 2:
+        out |= binary_metrics(y, p, prefix="holdout_")
+    return out
+
+
+def truth_metrics(model: SendTimeModel, holdout: pd.DataFrame,
+                  truth: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
+    """Chosen hours against the simulator's truth, for each (customer, channel) pair of the held-out sends.
+
+    Features are those of the pair's first held-out send. Ratios are the mean true P(open) at the chosen
+    (global best, random allowed) hour over the mean at the true best hour; pooled and per channel.
+    """
+    from features.simulate import true_open_prob
+
+    first = holdout.sort_values("event_timestamp").drop_duplicates(["customer_id", "channel"])
+    first = first.merge(truth, on="customer_id").reset_index(drop=True)
+    sums, out, rows = np.zeros(6), {}, []
+    for channel in [c for c in model.channels if f"best_hour_{c}" in truth]:
+        t = first[first["channel"] == channel].reset_index(drop=True)
+        if t.empty:
+            continue
+        chosen = model.best_hours(model.open_curve_matrix(model.prepare(t), channel), channel)
+        best = t[f"best_hour_{channel}"].to_numpy().astype(int)
+        p = [true_open_prob(t, channel, h).sum() for h in (chosen, best, model.global_best_hour(channel))]
+        p.append(np.mean([true_open_prob(t, channel, h) for h in HOURS[model.allowed_hours(channel)]], axis=0).sum())
+        s = np.array([*p, (_circ_dist(chosen, best) == 0).sum(), (_circ_dist(chosen, best) <= 1).sum()])
+        sums += s
+        out |= {f"true_open_ratio_to_oracle_{channel}": s[0] / s[1],
+                f"true_open_ratio_global_hour_{channel}": s[2] / s[1],
+                f"best_hour_hit_rate_{channel}": s[4] / len(t),
+                f"best_hour_hit_rate_within_1h_{channel}": s[5] / len(t)}
+        rows.append(pd.DataFrame({"channel": channel, "chosen_hour": chosen, "true_best_hour": best}))
+    if not rows:
+        return {}, pd.DataFrame()
+    n = sum(len(r) for r in rows)
+    out |= {"true_open_ratio_to_oracle": sums[0] / sums[1], "true_open_ratio_global_hour": sums[2] / sums[1],
+            "true_open_ratio_random_hour": sums[3] / sums[1], "best_hour_hit_rate": sums[4] / n,
+            "best_hour_hit_rate_within_1h": sums[5] / n, "truth_pairs": n}
+    return {k: float(v) for k, v in out.items()}, pd.concat(rows, ignore_index=True)
+
+
+def heatmap_plot(model: SendTimeModel, holdout: pd.DataFrame, path: Path) -> Path:
+    """Held-out open rate by channel and local send hour: observed, and predicted for the same sends."""
+    hold = holdout[holdout["channel"].isin(model.channels)].reset_index(drop=True)
+    X, hour, y = model.prepare(hold), hold["local_hour"].to_numpy().astype(int), hold["opened_24h"].to_numpy()
+    obs, pred = np.full((2, len(model.channels), 24), np.nan)
+    for i, channel in enumerate(model.channels):
+        rows = np.flatnonzero((hold["channel"] == channel).to_numpy())
+        p = model.open_curve_matrix(X[rows], channel)[np.arange(len(rows)), hour[rows]]
+        for h in np.flatnonzero(np.bincount(hour[rows], minlength=24) >= 20):  # hours with a readable rate
+            obs[i, h], pred[i, h] = y[rows][hour[rows] == h].mean(), p[hour[rows] == h].mean()
+    fig, axes = plt.subplots(2, 1, figsize=(9, 4.8), sharex=True, layout="constrained")
+    vmax = max(np.nanmax(np.r_[obs.ravel(), pred.ravel(), 0.01]), 0.01)
+    for ax, data, title in zip(axes, (obs, pred), ("observed", "predicted for the same sends"), strict=True):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set(yticks=range(len(model.channels)), yticklabels=model.channels, title=f"Holdout open rate: {title}")
+    axes[1].set(xticks=HOURS, xlabel="local send hour")
+    fig.colorbar(im, ax=axes, label="opened within 24 h")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def truth_plot(table: pd.DataFrame, path: Path) -> Path:
+    """Chosen hour against the simulator's true best hour, per channel (customers per cell)."""
+    channels = list(table["channel"].unique())
+    fig, axes = plt.subplots(1, len(channels), figsize=(3.2 * len(channels), 3.4), squeeze=False, layout="constrained")
+    for ax, channel in zip(axes[0], channels, strict=True):
+        t = table[table["channel"] == channel]
+        counts = np.zeros((24, 24))
+        np.add.at(counts, (t["chosen_hour"].to_numpy(), t["true_best_hour"].to_numpy()), 1)
+        ax.imshow(counts, origin="lower", cmap="Blues")
+        ax.plot([0, 23], [0, 23], color="grey", lw=0.8, ls="--")
+        ax.set(title=channel, xlabel="true best hour", ylabel="chosen hour")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _check_opens(opened: pd.Series, what: str) -> None:
+    if not opened.any():
+        raise TrainingError(f"no {what} was opened within 24 h of sending: the send-time model learns when "
+                            "customers open, so load exposures with opened_at filled in")
+    if opened.all():
+        raise TrainingError(f"every {what} was opened within 24 h: without unopened sends there is no "
+                            "difference between hours to learn")
+
+
+@threadpool_limits.wrap(limits=1, user_api="blas")
+def train(ctx: TrainContext) -> TrainResult:
+    tcfg = ctx.cfg.training
+    df = exposures_dataset(ctx, SERVICE)
+    df = df[df["channel"].isin(CHANNELS)]
+    if df.empty:
+        raise TrainingError(f"no exposures on a channel with an hour profile ({', '.join(CHANNELS)})")
+    _check_opens(df["opened_24h"], "exposure")
+    train_df, hold_df = split_by_time(df, tcfg.holdout_share, tcfg.min_rows)
+    _check_opens(train_df["opened_24h"], "training exposure")
+    features = service_features(SERVICE, profile_columns(ctx.con))
+    model = fit_model(train_df, features)
+    metrics = evaluate(model, hold_df)
+    metrics |= {f"global_best_hour_{c}": float(model.global_best_hour(c)) for c in model.channels}
+    out_plots = [heatmap_plot(model, hold_df, ctx.workdir / "send_time_heatmap.png")]
+    if ctx.truth is not None:
+        truth, table = truth_metrics(model, hold_df, ctx.truth)
+        metrics |= truth
+        if not table.empty:
+            out_plots.append(truth_plot(table, ctx.workdir / "send_time_chosen_vs_true_hour.png"))
+    params = {"approach": "empirical Bayes: global -> country -> customer engagement hours",
+              "validation_share": VALIDATION_SHARE, "channels": ",".join(model.channels),
+              "train_rows": len(train_df)}
+    params |= {f"{c}_evidence": ",".join(f"{v:g}" for v in f.evidence) for c, f in model.fits.items()}
+    example = hold_df[hold_df["channel"].isin(model.channels)][[*features, "channel"]].head(5)
+    return TrainResult(
+        model_name=MODEL_NAME,
+        feature_service=SERVICE,
+        features=features,
+        python_model=model,
+        artifacts={},
+        input_example=example.reset_index(drop=True),
+        params=params,
+        metrics=metrics,
+        gate=GateRule(metric="holdout_open_rate_at_chosen_hour"),
+        holdout=hold_df,
+        evaluate=evaluate,
+        holdout_description=f"sends {describe_window(hold_df)}",
+        plots=out_plots,
+        tags={"label": "opened within 24 h of sent_at, by local send hour"},
+    )
