@@ -2,10 +2,9 @@
 
 ``write_contract(dir)`` writes, as CSV:
 
-    customers: customer_id, signup_at,             timezone,         country, email_opt_in, sms_opt_in, push_opt_in, age_band, household_size
-               C1,          2024-01-01T00:00:00Z,  America/New_York, US,      true,         true,       false,       25-34,    2
-               C2,          2025-05-20T00:00:00Z,  Asia/Tokyo,       JP,      true,         false,      true,        35-44,
-               C3,          2025-07-01T00:00:00Z,  UTC,              GB,      true,         true,       true,        ,         1
+    customers: C1 (signed up 2024-01-01, America/New_York, sms unsubscribed later, push opted out),
+               C2 (2025-05-20, Asia/Tokyo, no sms consent), C3 (2025-07-01, UTC); extra columns
+               age_band and household_size become profile attributes
     events:    purchases, opens, a session, a complaint and an sms unsubscribe in May-June 2025
     offers:    OFF10 (discount, cost 5), SHIP (free_shipping, cost 3)
     exposures: x1 (C1, email, OFF10, opened, converted), x2 (C2, push, control, opened after 2025-06-01)

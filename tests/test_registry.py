@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from engage.config import load_config
 from training import churn, registry
 from training.base import GateRule, TrainingError
-from training.context import open_context
 
 
 @pytest.fixture
