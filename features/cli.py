@@ -131,7 +131,8 @@ def show_command(
         list[str] | None, typer.Argument(help="Customer ids to read from the online store.", show_default=False)
     ] = None,
     sample: Annotated[
-        int, typer.Option("--sample", min=0, max=100, help="Without ids: show this many customers of the latest snapshot.")
+        int,
+        typer.Option("--sample", min=0, max=100, help="Without ids: show this many customers of the latest snapshot."),
     ] = 2,
     service: Annotated[
         str, typer.Option("--service", help="Feature service: churn, next_best_offer or send_time.")
@@ -159,7 +160,9 @@ def show_command(
 
 
 def rejects_command(
-    table: Annotated[str | None, typer.Option("--table", help="Only rows of this table (customers, events, ...).")] = None,
+    table: Annotated[
+        str | None, typer.Option("--table", help="Only rows of this table (customers, events, ...).")
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help="Rows to show.")] = 20,
     home: HomeOption = None,
 ) -> None:

@@ -167,7 +167,10 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         "coalesce(a.revenue_lifetime, 0)::DOUBLE AS revenue_lifetime",
     ]
     for w in MONEY_WINDOWS:
-        derived += [f"coalesce(a.orders_{w}d, 0) AS orders_{w}d", f"coalesce(a.revenue_{w}d, 0)::DOUBLE AS revenue_{w}d"]
+        derived += [
+            f"coalesce(a.orders_{w}d, 0) AS orders_{w}d",
+            f"coalesce(a.revenue_{w}d, 0)::DOUBLE AS revenue_{w}d",
+        ]
     derived.append("a.revenue_365d / nullif(a.orders_365d, 0) AS avg_order_value_365d")
     for metric in ENGAGEMENT_METRICS:
         derived += [f"coalesce(a.{metric}_{w}d, 0) AS {metric}_{w}d" for w in WINDOWS]
