@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_registered_model_loads_predicts_and_is_gated_on_the_same_holdout(traine
 
     from training.registry import log_and_register
 
-    result = trained[0]
+    result = dataclasses.replace(trained[0], plots=[])  # the plots went with the training context's workdir
     with open_context(sim_home, load_config()) as ctx:
         first = log_and_register(result, ctx, experiment="nbo-test")
         second = log_and_register(result, ctx, experiment="nbo-test")  # scores the loaded champion

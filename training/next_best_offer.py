@@ -35,7 +35,7 @@ MAX_WEIGHT = 10.0  # clip of the stabilized inverse-propensity training weights
 MIN_ARM_SENDS, MIN_ARM_CONVERSIONS = 50, 5  # an offer with less training data is never recommended
 PATIENCE = 30
 NUM_THREADS = 2
-BASE_PARAMS = {"num_leaves": 15, "min_data_in_leaf": 100, "lambda_l2": 10.0}
+BASE_PARAMS = {"min_data_in_leaf": 100, "lambda_l2": 10.0}  # num_leaves from the config
 # Per-arm departures from the shared base: small trees whose leaves hold >= 1/10 of the arm's sends.
 ARM_PARAMS = {"num_leaves": 4, "lambda_l2": 100.0}
 ARM_LEAF_SHARE = 10
@@ -123,6 +123,9 @@ def _params(tcfg, extra: dict, seed_offset: int) -> dict:
 def _fit(X: np.ndarray, y: np.ndarray, w: np.ndarray, init: np.ndarray, is_val: np.ndarray, params: dict,
          rounds: int, names: list[str], cats: list[int]) -> lgb.Booster:
     """Early-stop on the validation rows, then refit on all rows for the best number of rounds."""
+    if not is_val.any() or is_val.all():  # too few customers for a customer split: hold out every 5th send
+        is_val = np.arange(len(y)) % 5 == 0
+
     def data(m: np.ndarray | slice, **kw) -> lgb.Dataset:
         return lgb.Dataset(X[m], y[m], weight=w[m], init_score=init[m], feature_name=names,
                            categorical_feature=cats, **kw)
@@ -159,7 +162,8 @@ def fit_model(train_df: pd.DataFrame, features: list[str], offers: pd.DataFrame,
     y = train_df["converted"].astype(bool).to_numpy()
     offer = train_df["offer_id"].astype("string").fillna(CONTROL)
     sends, wins = offer.value_counts(), offer[y].value_counts()
-    keep = [o for o in offers["offer_id"] if sends.get(o, 0) >= MIN_ARM_SENDS and wins.get(o, 0) >= MIN_ARM_CONVERSIONS]
+    keep = [o for o in offers["offer_id"]
+            if o != CONTROL and sends.get(o, 0) >= MIN_ARM_SENDS and wins.get(o, 0) >= MIN_ARM_CONVERSIONS]
     dropped = sorted(set(offers["offer_id"]) - set(keep))
     if dropped:
         log.warning("offers with under %d sends or %d conversions in training are never recommended: %s",
@@ -185,7 +189,8 @@ def fit_model(train_df: pd.DataFrame, features: list[str], offers: pd.DataFrame,
     cats = [matrix.columns_.index(c) for c in matrix.categorical_]
     rate = float(np.average(y, weights=w))
     start = np.full(len(y), np.log(rate / (1 - rate)))
-    base = _fit(X, y, w, start, is_val, _params(tcfg, BASE_PARAMS, 0), tcfg.num_boost_round, matrix.columns_, cats)
+    params = _params(tcfg, {"num_leaves": tcfg.num_leaves, **BASE_PARAMS}, 0)
+    base = _fit(X, y, w, start, is_val, params, tcfg.num_boost_round, matrix.columns_, cats)
     raw = base.predict(X, raw_score=True)
     offsets, boosters = np.zeros(len(arms)), []
     for k in range(len(arms)):
@@ -324,7 +329,8 @@ def train(ctx: TrainContext) -> TrainResult:
         input_example=hold_df[[*features, "channel"]].head(5).reset_index(drop=True),
         params={"learner": "shared base + per-arm intercept and departures", "arms": ",".join(model.arms),
                 "margin": tcfg.margin, "max_ipw_weight": MAX_WEIGHT, "train_sends": len(train_df),
-                "base_rounds": model.base.current_iteration(), **{f"base_{k}": v for k, v in BASE_PARAMS.items()},
+                "base_rounds": model.base.current_iteration(), "num_leaves": tcfg.num_leaves,
+                **{f"base_{k}": v for k, v in BASE_PARAMS.items()},
                 **{f"arm_{k}": v for k, v in ARM_PARAMS.items()}, "learning_rate": tcfg.learning_rate,
                 "seed": tcfg.seed, "revenue_prior": round(model.revenue_prior, 4)},
         metrics=metrics,
