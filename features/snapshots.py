@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -365,15 +365,3 @@ def snapshot_times(start: datetime, end: datetime, every_days: int) -> list[date
         out.append(t)
         t += step
     return out
-
-
-def read_snapshot(home: Path, as_of: datetime) -> pd.DataFrame:
-    """The snapshot file at ``as_of`` as a DataFrame (for inspection and tests)."""
-    path = snapshot_file(home, as_of)
-    if not path.exists():
-        raise SnapshotError(f"no snapshot at {to_utc(as_of).isoformat()}: run `engage features build` first")
-    return pd.read_parquet(path)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
