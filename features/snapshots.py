@@ -58,8 +58,17 @@ def snapshot_glob(home: Path) -> str:
     return str(snapshot_dir(home) / "*.parquet")
 
 
+_FILE_TIME = "%Y%m%dT%H%M%SZ"
+
+
 def snapshot_file(home: Path, as_of: datetime) -> Path:
-    return snapshot_dir(home) / f"as_of={to_utc(as_of):%Y%m%dT%H%M%S}Z.parquet"
+    return snapshot_dir(home) / f"as_of={to_utc(as_of).strftime(_FILE_TIME)}.parquet"
+
+
+def snapshot_times_on_disk(home: Path) -> list[datetime]:
+    """The times of the snapshot files under ``home``, oldest first (read from the file names)."""
+    files = snapshot_dir(home).glob("as_of=*.parquet")
+    return sorted(to_utc(datetime.strptime(f.stem.removeprefix("as_of="), _FILE_TIME)) for f in files)
 
 
 def to_utc(ts: datetime | str | pd.Timestamp) -> datetime:

@@ -17,7 +17,7 @@ from feast.repo_config import RepoConfig
 
 from engage.settings import FEATURE_REPO_DIR
 from feature_repo.definitions import definitions
-from features.snapshots import ENTITY, TIMESTAMP_FIELD, snapshot_dir, snapshot_file, to_utc
+from features.snapshots import ENTITY, TIMESTAMP_FIELD, snapshot_file, snapshot_times_on_disk
 
 log = logging.getLogger(__name__)
 FEATURE_STORE_YAML = FEATURE_REPO_DIR / "feature_store.yaml"
@@ -60,11 +60,10 @@ def apply(store: FeatureStore, home: Path, profile_columns: dict[str, str], ttl_
 
 def snapshot_bounds(home: Path) -> tuple[datetime, datetime]:
     """Earliest and latest snapshot time on disk, from the file names."""
-    files = sorted(snapshot_dir(home).glob("as_of=*.parquet"))
-    if not files:
+    times = snapshot_times_on_disk(home)
+    if not times:
         raise FeatureStoreError("no feature snapshots: run `engage features build` first")
-    times = [to_utc(datetime.strptime(f.stem.removeprefix("as_of="), "%Y%m%dT%H%M%SZ")) for f in files]
-    return min(times), max(times)
+    return times[0], times[-1]
 
 
 def sample_customers(home: Path, n: int) -> list[str]:

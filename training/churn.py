@@ -25,7 +25,7 @@ from training.base import GateRule, TrainContext, TrainingError, TrainResult
 from training.datasets import churn_dataset, churn_times, describe_window, ensure_snapshots
 from training.evaluate import binary_metrics
 from training.matrix import FeatureMatrix
-from training.transforms import BTYD_FEATURES, btyd_features
+from training.transforms import BTYD_FEATURES, with_btyd
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "churn"
@@ -57,9 +57,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
 
     def prepare(self, df: pd.DataFrame) -> np.ndarray:
         """The booster's input matrix from a frame of service features (BTYD features added)."""
-        full = pd.concat([df.reset_index(drop=True), btyd_features(df.reset_index(drop=True), self.horizon_days)],
-                         axis=1)
-        return self.matrix.transform(full)
+        return self.matrix.transform(with_btyd(df, self.horizon_days))
 
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
         raw = self.booster.predict(X, num_threads=1)
@@ -164,9 +162,7 @@ def train(ctx: TrainContext) -> TrainResult:
     _check_classes(y_hold, "holdout")
 
     features = service_features(SERVICE, profile_columns(ctx.con))
-    with_btyd = lambda d: pd.concat([d.reset_index(drop=True), btyd_features(d.reset_index(drop=True), ctx.horizon)],  # noqa: E731
-                                    axis=1)
-    train_full = with_btyd(train_df)
+    train_full = with_btyd(train_df, ctx.horizon)
     matrix = FeatureMatrix(features + BTYD_FEATURES).fit(train_full)
     X = matrix.transform(train_full)
     weights = _recency_weights(train_df["event_timestamp"].reset_index(drop=True), tcfg.recency_half_life_days)

@@ -16,12 +16,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from training.plots import save_figure  # also selects the Agg backend
 
 log = logging.getLogger(__name__)
 Z95 = 1.959963984540054
@@ -248,10 +247,7 @@ def policy_value_plot(table: pd.DataFrame, policies: tuple[str, ...], path: Path
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(ylabel="profit per send", title="Policy value on held-out sends (95% CI)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def uplift_plot(arms: list[str], series: dict[str, np.ndarray], path: Path) -> Path:
@@ -265,7 +261,4 @@ def uplift_plot(arms: list[str], series: dict[str, np.ndarray], path: Path) -> P
     ax.axhline(0, color="grey", lw=0.6)
     ax.set(ylabel="mean p_arm - p_none", title="Uplift by offer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

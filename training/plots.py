@@ -22,7 +22,7 @@ def roc_plot(y: np.ndarray, scores: dict[str, np.ndarray], path: Path, title: st
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def calibration_plot(y: np.ndarray, probs: dict[str, np.ndarray], path: Path) -> Path:
@@ -33,7 +33,7 @@ def calibration_plot(y: np.ndarray, probs: dict[str, np.ndarray], path: Path) ->
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="predicted churn probability", ylabel="observed churn rate", title="Calibration (holdout)")
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lift_plot(y: np.ndarray, score: np.ndarray, path: Path) -> Path:
@@ -44,7 +44,7 @@ def lift_plot(y: np.ndarray, score: np.ndarray, path: Path) -> Path:
     ax.bar(range(1, 11), np.array(rates) / max(y.mean(), 1e-9))
     ax.axhline(1.0, color="grey", ls="--", lw=0.8)
     ax.set(xlabel="decile of predicted risk (1 = highest)", ylabel="lift over base rate", title="Lift (holdout)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def importance_plot(names: list[str], gains: np.ndarray, path: Path, top: int = 20) -> Path:
@@ -52,10 +52,11 @@ def importance_plot(names: list[str], gains: np.ndarray, path: Path, top: int = 
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(idx) + 1))
     ax.barh([names[i] for i in idx], gains[idx])
     ax.set(xlabel="total gain", title="Feature importance")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close: every chart a run logs goes through here."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

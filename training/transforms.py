@@ -33,3 +33,9 @@ def btyd_features(df: pd.DataFrame, horizon_days: float = 90.0) -> pd.DataFrame:
         },
         index=df.index,
     )
+
+
+def with_btyd(df: pd.DataFrame, horizon_days: float) -> pd.DataFrame:
+    """``df`` (index reset) with the BTYD features appended: the model's input frame."""
+    base = df.reset_index(drop=True)
+    return pd.concat([base, btyd_features(base, horizon_days)], axis=1)
