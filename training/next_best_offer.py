@@ -78,10 +78,14 @@ class NextBestOfferModel(mlflow.pyfunc.PythonModel):
         """Revenue given conversion: last-year AOV shrunk towards the global mean revenue per conversion."""
         def col(name: str) -> np.ndarray:
             s = df[name] if name in df else pd.Series(np.nan, index=df.index)
-            return pd.to_numeric(s, errors="coerce").fillna(0).to_numpy(float)
+            return pd.to_numeric(s, errors="coerce").to_numpy(float)
 
-        return (col("revenue_365d") + REVENUE_PRIOR_ORDERS * self.revenue_prior) / (
-            col("orders_365d") + REVENUE_PRIOR_ORDERS)
+        return self.revenue_from(col("revenue_365d"), col("orders_365d"))
+
+    def revenue_from(self, revenue_365d: np.ndarray, orders_365d: np.ndarray) -> np.ndarray:
+        """:meth:`expected_revenue` on float arrays (NaN = missing = 0), for serving without frames."""
+        revenue, orders = np.nan_to_num(revenue_365d, nan=0.0), np.nan_to_num(orders_365d, nan=0.0)
+        return (revenue + REVENUE_PRIOR_ORDERS * self.revenue_prior) / (orders + REVENUE_PRIOR_ORDERS)
 
     def allowed(self, df: pd.DataFrame) -> np.ndarray:
         return ope.allowed_arms(df["channel"] if "channel" in df else None, self.arm_channels, len(df))

@@ -17,22 +17,27 @@ def btyd_features(df: pd.DataFrame, horizon_days: float = 90.0) -> pd.DataFrame:
     ``lam`` comes from lifetime orders over tenure with a weak prior, so one order is not read as a
     habit. These add the "silent for longer than this customer's rhythm" signal raw counts lack.
     """
-    orders = pd.to_numeric(df["orders_lifetime"], errors="coerce").fillna(0).to_numpy(float)
-    tenure = pd.to_numeric(df["tenure_days"], errors="coerce").fillna(0).to_numpy(float)
-    recency = pd.to_numeric(df["days_since_last_purchase"], errors="coerce").to_numpy(float)
+    def col(name: str) -> np.ndarray:
+        return pd.to_numeric(df[name], errors="coerce").to_numpy(float)
+
+    out = btyd_arrays(col("orders_lifetime"), col("tenure_days"), col("days_since_last_purchase"), horizon_days)
+    return pd.DataFrame(out, index=df.index)
+
+
+def btyd_arrays(orders: np.ndarray, tenure: np.ndarray, recency: np.ndarray,
+                horizon_days: float) -> dict[str, np.ndarray]:
+    """:func:`btyd_features` on float arrays (NaN = missing), for serving without frames."""
+    orders, tenure = np.nan_to_num(orders, nan=0.0), np.nan_to_num(tenure, nan=0.0)
     recency = np.where(np.isnan(recency), tenure, recency)
     lam = (orders + 0.5) / (tenure + 60.0)
     mu = _DROPOUT_RATE
     exponent = np.minimum((lam + mu) * recency, 50.0)
     p_alive = 1.0 / (1.0 + mu / (lam + mu) * np.expm1(exponent))
-    return pd.DataFrame(
-        {
-            "btyd_purchase_rate": lam,
-            "btyd_p_alive": p_alive,
-            "btyd_expected_purchases_90d": lam * p_alive * horizon_days,
-        },
-        index=df.index,
-    )
+    return {
+        "btyd_purchase_rate": lam,
+        "btyd_p_alive": p_alive,
+        "btyd_expected_purchases_90d": lam * p_alive * horizon_days,
+    }
 
 
 def with_btyd(df: pd.DataFrame, horizon_days: float) -> pd.DataFrame:

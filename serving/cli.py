@@ -1,0 +1,59 @@
+"""`engage serve`: the scoring API under uvicorn, and `engage feedback import`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from engage.cli_support import HomeOption, console, fail
+
+feedback_app = typer.Typer(help="Feedback from engagement systems.", no_args_is_help=True)
+
+
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="uvicorn worker processes.")] = 1,
+    generate_key: Annotated[bool, typer.Option("--generate-key", help="Print a new API key and exit.")] = False,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    home: HomeOption = None,
+) -> None:
+    """Serve next-best-action recommendations over HTTP (needs ENGAGE_API_KEYS)."""
+    if generate_key:
+        console.print(secrets.token_urlsafe(32), highlight=False)
+        return
+    if log_level not in {"critical", "error", "warning", "info", "debug", "trace"}:
+        fail(f"--log-level {log_level!r}: use critical, error, warning, info, debug or trace")
+    from serving.settings import ServingSettings
+
+    try:
+        settings = ServingSettings.from_env(home)
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    if home is not None:
+        os.environ["ENGAGE_HOME"] = str(settings.home)  # the workers read settings from the environment
+    import uvicorn
+
+    uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def feedback_import_command(home: HomeOption = None) -> None:
+    """Load stored feedback into the warehouse (exposures and events), so training learns from it."""
+    from engage.cli_support import home_and_config
+    from serving.feedback_import import import_feedback
+    from serving.servingdb import create_serving_engine
+
+    home_dir, _ = home_and_config(home)
+    try:
+        report = import_feedback(home_dir, create_serving_engine(home=home_dir))
+    except Exception as exc:  # a clear line, not a traceback
+        fail(f"feedback import failed: {type(exc).__name__}: {exc}")
+    console.print(report)
+
+
+feedback_app.command("import")(feedback_import_command)

@@ -1,0 +1,77 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can build several apps)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("engage_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "method", "status"], registry=r)
+        self.latency = Histogram("engage_request_duration_seconds", "request latency by endpoint", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.customers = Counter("engage_customers_scored_total", "customers answered, by source", ["source"],
+                                 registry=r)
+        self.cold_starts = Counter("engage_cold_starts_total", "answers for customers the store does not know",
+                                   registry=r)
+        self.degraded = Counter("engage_degraded_answers_total", "answers built from defaults (store unreadable)",
+                                registry=r)
+        self.actions = Counter("engage_actions_total", "decisions by action", ["action"], registry=r)
+        self.model_version = Gauge("engage_model_version", "registry version of the loaded champion", ["model"],
+                                   registry=r)
+        self.reloads = Counter("engage_model_reloads_total", "model reload attempts by result", ["result"], registry=r)
+        self.models_ready = Gauge("engage_models_ready", "1 when models and the feature store are loaded", registry=r)
+        self.feedback = Counter("engage_feedback_total", "feedback posts by result", ["result"], registry=r)
+        self.decision_log_pending = Gauge("engage_decision_log_pending", "decisions waiting to be flushed",
+                                          registry=r)
+        self.decision_log_dropped = Gauge("engage_decision_log_dropped", "decisions dropped (buffer overflow)",
+                                          registry=r)
+        self.decision_log_errors = Gauge("engage_decision_log_flush_errors", "failed decision log flushes",
+                                         registry=r)
+        self._collect_hooks: list[Callable[[], None]] = []
+
+    def on_collect(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` before each scrape (to copy live figures into gauges)."""
+        self._collect_hooks.append(hook)
+
+    def render(self) -> bytes:
+        for hook in self._collect_hooks:
+            hook()
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts and times every HTTP request by its route template."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,155 @@
+"""Features -> what the three champion models say about each customer (:class:`CustomerScores`).
+
+Models score on their raw boosters with input matrices built straight from column lists
+(:class:`MatrixPlan`), the same columns and category codes as ``training.matrix.FeatureMatrix`` but
+without a DataFrame per request. A customer the store does not know is scored with every feature
+missing (the boosters' learned default path, the send-time model's global curve): a cold start from
+the global pattern, flagged as such.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import numpy as np
+
+from serving.types import CHANNELS, CustomerScores
+from training import ope
+from training.matrix import FeatureMatrix
+from training.transforms import BTYD_FEATURES, btyd_arrays
+
+# Facts the decision policy reads besides model outputs: (feature view, feature) in the catalog.
+POLICY_FEATURES = {
+    "customer_rfm": ("segment", "orders_365d", "revenue_365d", "orders_lifetime", "revenue_lifetime",
+                     "tenure_days", "days_since_last_purchase"),
+    "customer_profile": ("timezone",),
+    "customer_support": ("email_consent", "sms_consent", "push_consent", "days_since_unsubscribe",
+                         "days_since_last_complaint"),
+    "customer_offer_history": ("days_since_last_message", "messages_30d"),
+}
+CONSENT = {"email": "email_consent", "sms": "sms_consent", "push": "push_consent"}
+
+
+def _float(v) -> float:
+    if v is None or isinstance(v, str):
+        try:
+            return float(v) if v is not None else math.nan
+        except ValueError:
+            return math.nan
+    return float(v)
+
+
+def column(values: Mapping[str, Sequence], name: str, n: int) -> np.ndarray:
+    """One feature as float64 (missing, or absent from ``values`` -> NaN)."""
+    col = values.get(name)
+    if col is None:
+        return np.full(n, np.nan)
+    if isinstance(col, np.ndarray):
+        return col.astype(np.float64, copy=False)
+    return np.array([_float(v) for v in col], dtype=np.float64)
+
+
+class MatrixPlan:
+    """``FeatureMatrix.transform`` for column lists: same columns, order and category codes."""
+
+    def __init__(self, matrix: FeatureMatrix):
+        self.columns = list(matrix.columns_)
+        self.codes = {c: {v: float(i) for i, v in enumerate(cats)} for c, cats in matrix.categories_.items()}
+
+    def build(self, values: Mapping[str, Sequence], n: int) -> np.ndarray:
+        out = np.empty((n, len(self.columns)), dtype=np.float32)
+        for j, name in enumerate(self.columns):
+            codes = self.codes.get(name)
+            if codes is None:
+                out[:, j] = column(values, name, n)
+            else:
+                col = values.get(name) or [None] * n
+                out[:, j] = [math.nan if v is None else codes.get(str(v), math.nan) for v in col]
+        return out
+
+
+def _text(values: Mapping[str, Sequence], name: str, i: int, default: str) -> str:
+    col = values.get(name)
+    v = col[i] if col is not None else None
+    return str(v) if v not in (None, "") else default
+
+
+def _optional(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+class Scorer:
+    """Scores customers with a bundle of loaded models (any of them may be missing)."""
+
+    def __init__(self, churn=None, nbo=None, send_time=None, versions: Mapping[str, str] | None = None,
+                 default_segment: str = "new"):
+        self.churn, self.nbo, self.send_time = churn, nbo, send_time
+        self.versions = dict(versions or {})
+        self.default_segment = default_segment
+        self.plans = {key: MatrixPlan(m.matrix) for key, m in (("churn", churn), ("nbo", nbo), ("send_time", send_time))
+                      if m is not None}
+        if send_time is not None:
+            self.supported = {ch: send_time.allowed_hours(ch) for ch in send_time.channels}
+
+    def score(self, customer_ids: Sequence[str], values: Mapping[str, Sequence],
+              timestamps: Sequence[datetime | None], degraded: bool = False) -> list[CustomerScores]:
+        """Model outputs for each customer; ``values`` holds feature columns (None = missing)."""
+        n = len(customer_ids)
+        num = {name: column(values, name, n) for name in (
+            "orders_365d", "revenue_365d", "orders_lifetime", "revenue_lifetime", "tenure_days",
+            "days_since_last_purchase", "days_since_unsubscribe", "days_since_last_complaint",
+            "days_since_last_message", "messages_30d")}
+        horizon = float(getattr(self.churn, "horizon_days", 90))
+        btyd = btyd_arrays(num["orders_lifetime"], num["tenure_days"], num["days_since_last_purchase"], horizon)
+        churn_p, reasons = np.full(n, np.nan), [[] for _ in range(n)]
+        if self.churn is not None:
+            X = self.plans["churn"].build({**values, **btyd}, n)
+            churn_p, reasons = self.churn.score_matrix(X), self.churn.reasons(X)
+        p = profit = None
+        if self.nbo is not None:
+            X = self.plans["nbo"].build(values, n)
+            p = self.nbo.score_matrix(X)
+            revenue = self.nbo.revenue_from(num["revenue_365d"], num["orders_365d"])
+            profit = ope.incremental_profit(p, revenue, self.nbo.costs, self.nbo.margin)
+            order_value = revenue
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                order_value = np.nan_to_num(num["revenue_lifetime"] / num["orders_lifetime"], nan=0.0, posinf=0.0)
+        expected_value = btyd["btyd_purchase_rate"] * btyd["btyd_p_alive"] * horizon * order_value
+        curves: dict[str, np.ndarray] = {}
+        if self.send_time is not None:
+            X = self.plans["send_time"].build(values, n)
+            curves = {ch: self.send_time.open_curve_matrix(X, ch) for ch in self.send_time.channels}
+        out = []
+        for i, cid in enumerate(customer_ids):
+            found = timestamps[i] is not None
+            out.append(CustomerScores(
+                customer_id=cid,
+                cold_start=not found and not degraded,
+                degraded=degraded,
+                feature_timestamp=timestamps[i],
+                segment=_text(values, "segment", i, self.default_segment),
+                timezone=_text(values, "timezone", i, "UTC"),
+                consent={ch: (values[CONSENT[ch]][i] is not False) if CONSENT.get(ch) in values else True
+                         for ch in CHANNELS},
+                days_since_unsubscribe=_optional(num["days_since_unsubscribe"][i]),
+                days_since_complaint=_optional(num["days_since_last_complaint"][i]),
+                days_since_last_message=_optional(num["days_since_last_message"][i]),
+                messages_30d=int(np.nan_to_num(num["messages_30d"][i])),
+                churn_probability=_optional(churn_p[i]),
+                churn_reasons=reasons[i],
+                expected_value=float(expected_value[i]),
+                arms=list(self.nbo.arms) if self.nbo is not None else [],
+                p_convert=p[i] if p is not None else None,
+                incremental_profit=profit[i] if profit is not None else None,
+                arm_channels=list(self.nbo.arm_channels) if self.nbo is not None else [],
+                open_curves={ch: c[i] for ch, c in curves.items()},
+                supported_hours=self.supported if self.send_time is not None else {},
+                model_versions=self.versions,
+            ))
+        return out
+
+
+__all__ = ["BTYD_FEATURES", "MatrixPlan", "POLICY_FEATURES", "Scorer", "column"]

@@ -1,0 +1,147 @@
+"""The scoring service without HTTP: features -> models -> policy -> decision log -> answer.
+
+``app.py`` wraps it in FastAPI; the serving benchmark calls it in-process as the floor's neighbour.
+One answer: read the customers' online features once, score with the champion models
+(``scoring.py``), decide under the policy (``decide.py``), append every decision to the decision
+log (buffered, never blocking the answer) and return it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from features.store import open_store
+from serving.decide import decide
+from serving.decision_log import DecisionLog, decision_record
+from serving.feedback import Feedback, FeedbackStore, RecordResult
+from serving.metrics import Metrics
+from serving.models import ModelManager, ModelSet
+from serving.online import OnlineStoreUnavailable
+from serving.policy import Policy, load_policy
+from serving.schemas import FeedbackIn, Recommendation, RecommendationRequest
+from serving.servingdb import create_serving_engine
+from serving.settings import ServingSettings
+from serving.types import Decision
+from training.registry import tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """No model is loaded (or the feature store is not there): scoring answers 503."""
+
+
+def registry_client() -> MlflowClient:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global registry
+    return MlflowClient(tracking_uri=uri)
+
+
+def to_response(d: Decision, request_id: str, exposure_id: str | None) -> Recommendation:
+    return Recommendation(
+        request_id=request_id, exposure_id=exposure_id, customer_id=d.customer_id, action=d.action, reason=d.reason,
+        churn_probability=d.churn_probability, risk_tier=d.risk_tier, segment=d.segment, reason_codes=d.reasons,
+        expected_value_at_risk=d.expected_value_at_risk, offers=[vars(o) for o in d.offers],
+        chosen_offer=d.chosen_offer, channel=d.channel, send_at=d.send_at, send_at_local=d.send_at_local,
+        expected_open_rate=d.expected_open_rate, propensity=d.propensity, channels=[vars(c) for c in d.channels],
+        suppressions=[vars(s) for s in d.suppressions], cold_start=d.cold_start, degraded=d.degraded,
+        feature_timestamp=d.feature_timestamp, model_versions=d.model_versions,
+    )
+
+
+class EngageService:
+    def __init__(self, settings: ServingSettings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.policy: Policy = load_policy(settings.policy_path)
+        self.store = open_store(settings.home)
+        self.models = ModelManager(self.store, registry_client, self._on_reload)
+        self.engine = create_serving_engine(settings.serving_db_url, home=settings.home)
+        self.decisions = DecisionLog(self.engine, flush_interval_s=settings.decision_flush_s)
+        self.feedback = FeedbackStore(self.engine, self.decisions)
+        self.metrics.on_collect(self._collect)
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.decisions.start()
+        self.models.reload()
+        self.models.watch(self.settings.reload_interval_s)
+
+    def close(self) -> None:
+        self.models.stop()
+        self.decisions.close()
+
+    def ready(self) -> tuple[bool, str]:
+        current = self.models.current
+        if not current.models:
+            why = self.models.last_error or "no champion model in the registry: run `engage train all`"
+            return False, f"no models loaded ({why})"
+        return True, "ok"
+
+    def _on_reload(self, changed: bool, error: str | None) -> None:
+        self.metrics.reloads.labels("failed" if error else ("changed" if changed else "unchanged")).inc()
+        for name, version in self.models.current.versions.items():
+            self.metrics.model_version.labels(name).set(float(version))
+
+    def _collect(self) -> None:
+        stats = self.decisions.stats
+        self.metrics.decision_log_pending.set(stats.pending)
+        self.metrics.decision_log_dropped.set(stats.dropped)
+        self.metrics.decision_log_errors.set(stats.flush_errors)
+        self.metrics.models_ready.set(1.0 if self.ready()[0] else 0.0)
+
+    # -- answers ----------------------------------------------------------------------------------
+    def recommend(self, requests: Sequence[RecommendationRequest], source: str = "api") -> list[Recommendation]:
+        """One answer per request, from one feature read and one scoring pass for all of them."""
+        current: ModelSet = self.models.current
+        if not current.models or current.reader is None or current.scorer is None:
+            raise NotReady(self.ready()[1])
+        ids = [r.customer_id for r in requests]
+        degraded = False
+        try:
+            rows = current.reader.read(ids)
+            values, stamps = rows.values, rows.timestamps
+        except OnlineStoreUnavailable as exc:
+            log.warning("answering from defaults: %s", exc)
+            values, stamps, degraded = {}, [None] * len(ids), True
+        scores = current.scorer.score(ids, values, stamps, degraded=degraded)
+        recent = self._recent_sends(ids, stamps)
+        request_id, decided_at = uuid.uuid4().hex, datetime.now(UTC)
+        out = []
+        for req, sc in zip(requests, scores, strict=True):
+            if sc.cold_start or sc.degraded:  # nothing known about this customer: no risk score to explain
+                sc.churn_probability, sc.churn_reasons = None, []
+            d = decide(sc, self.policy, req.now or decided_at, channels=req.channels, max_offers=req.max_offers,
+                       recent_contacts=recent.get(req.customer_id, ()), request_id=request_id)
+            exposure_id = uuid.uuid4().hex if d.action != "none" else None
+            self.decisions.append(decision_record(d, request_id, exposure_id, decided_at, source))
+            self.metrics.actions.labels(d.action).inc()
+            out.append(to_response(d, request_id, exposure_id))
+        self.metrics.customers.labels(source).inc(len(out))
+        self.metrics.cold_starts.inc(sum(s.cold_start for s in scores))
+        self.metrics.degraded.inc(sum(s.degraded for s in scores))
+        return out
+
+    def _recent_sends(self, ids: list[str], stamps: list) -> dict[str, list[datetime]]:
+        """Sends recorded by feedback since the oldest feature timestamp (contacts the features miss)."""
+        known = [s for s in stamps if s is not None]
+        if not known:
+            return {}
+        try:
+            return self.feedback.recent_sends(ids, min(known))
+        except Exception as exc:  # contact history is a refinement; the answer still goes out
+            log.warning("recent sends unavailable: %s", type(exc).__name__)
+            return {}
+
+    def record_feedback(self, fb: FeedbackIn) -> RecordResult:
+        return self.feedback.record(Feedback(
+            exposure_id=fb.exposure_id, customer_id=fb.customer_id, sent=fb.sent, sent_at=fb.sent_at,
+            opened=fb.opened, opened_at=fb.opened_at, clicked=fb.clicked, converted=fb.converted,
+            revenue=fb.revenue, channel=fb.channel, offer_id=fb.offer_id,
+        ))
