@@ -459,8 +459,8 @@ def _typed(col: Column, x: str, ty: str) -> str:
     if col.type == "timezone":
         return f"(SELECT min(name) FROM _engage_tz WHERE key = lower({text}))"
     if col.type == "timestamp":
-        if ty == "TIMESTAMP WITH TIME ZONE":
-            return f"({x} AT TIME ZONE 'UTC')"
+        if ty in ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ_NS"):  # pandas writes tz-aware times in nanoseconds
+            return f"(CAST({x} AS TIMESTAMPTZ) AT TIME ZONE 'UTC')"
         if ty.startswith("TIMESTAMP") or ty == "DATE":
             return f"CAST({x} AS TIMESTAMP)"
         return f"(TRY_CAST({text} AS TIMESTAMPTZ) AT TIME ZONE 'UTC')"

@@ -69,3 +69,56 @@ def trained_churn(sim_home: Path):
 
     with open_context(sim_home, load_config()) as ctx:
         yield ctx, churn.train(ctx)
+
+
+API_KEY = "test-api-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def served(sim_home: Path, trained_churn, tmp_path_factory: pytest.TempPathFactory):
+    """``sim_home`` with Feast applied and materialized and the three models registered as champions in a
+    session MLflow store. Tests that change the registry use ``serving_env`` (a private copy of it)."""
+    from types import SimpleNamespace
+
+    from engage.config import load_config
+    from features import store as fstore
+    from features.load import connect_warehouse
+    from features.snapshots import profile_columns
+    from training import next_best_offer, send_time
+    from training.context import open_context
+    from training.registry import log_and_register
+
+    root = tmp_path_factory.mktemp("served")
+    db, artifacts = root / "mlruns.sqlite", root / "artifacts"
+    ctx, churn_result = trained_churn
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+        mp.setenv("ENGAGE_MLFLOW_ARTIFACTS", str(artifacts))
+        log_and_register(churn_result, ctx)
+        with open_context(sim_home, load_config()) as c:
+            for module in (next_best_offer, send_time):
+                log_and_register(module.train(c), c)
+        store = fstore.open_store(sim_home)
+        con = connect_warehouse(sim_home, read_only=True)
+        try:
+            fstore.apply(store, sim_home, profile_columns(con), load_config().features.snapshot_ttl_days)
+        finally:
+            con.close()
+        fstore.materialize(store, sim_home)
+    return SimpleNamespace(home=sim_home, registry_db=db, artifacts=artifacts)
+
+
+@pytest.fixture
+def serving_env(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Env for a scoring service over ``served``: a private copy of the registry, its own serving database."""
+    import shutil
+    from types import SimpleNamespace
+
+    db = tmp_path / "mlruns.sqlite"
+    shutil.copy(served.registry_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("ENGAGE_MLFLOW_ARTIFACTS", str(served.artifacts))
+    monkeypatch.setenv("ENGAGE_API_KEYS", API_KEY)
+    serving_db = f"sqlite:///{tmp_path / 'serving.db'}"
+    monkeypatch.setenv("ENGAGE_SERVING_DB_URL", serving_db)
+    return SimpleNamespace(home=served.home, registry_db=db, serving_db=serving_db, api_key=API_KEY)

@@ -541,6 +541,22 @@ def test_native_parquet_types_load(tmp_path: Path) -> None:
     assert {r for (r,) in query(home, "SELECT CAST(event_at AS VARCHAR) FROM events")} == {"1970-01-02 00:00:00"}
 
 
+def test_pandas_timezone_aware_parquet_loads(tmp_path: Path) -> None:
+    """pandas writes tz-aware datetimes as nanosecond TIMESTAMPTZ columns: they load as UTC."""
+    import pandas as pd
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pd.DataFrame({"customer_id": ["C1"], "signup_at": pd.to_datetime(["2024-01-01T00:00:00Z"])}).to_parquet(
+        src / "customers.parquet")
+    pd.DataFrame({"customer_id": ["C1"], "event_at": pd.to_datetime(["2024-02-01T12:00:00+02:00"]),
+                  "event_type": ["session"]}).to_parquet(src / "events.parquet")
+    home = tmp_path / "home"
+    report = ingest(src, home)
+    assert (report.get("events").inserted, report.get("events").rejected) == (1, 0)
+    assert query(home, "SELECT CAST(event_at AS VARCHAR) FROM events") == [("2024-02-01 10:00:00",)]
+
+
 def test_timestamps_with_offsets_become_utc(tmp_path: Path) -> None:
     home, report = load_events(
         tmp_path,

@@ -1,0 +1,146 @@
+"""The serving database: the decision log and the feedback store (SQLAlchemy Core, any dialect).
+
+The default is one SQLite file, ``$ENGAGE_HOME/serving/serving.db``, in WAL mode with
+``synchronous=FULL`` (an acknowledged write survives a power cut) and a busy timeout, so
+threads and processes can write to it at once. Set ``ENGAGE_SERVING_DB_URL`` to any
+SQLAlchemy URL (``postgresql+psycopg://user@host/db`` in production) to use another database.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from engage.settings import resolve_home
+
+SERVING_DB_FILE = Path("serving") / "serving.db"
+BUSY_TIMEOUT_MS = 10_000  # how long a SQLite writer waits for another writer's lock
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC timestamp on every dialect (SQLite keeps naive UTC text).
+
+    Binds aware datetimes (converted to UTC), naive ones (taken as UTC) and ISO 8601 strings;
+    reads back aware UTC datetimes.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if value is not None and dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        return as_utc(value)
+
+
+def as_utc(value: datetime | str | None) -> datetime | None:
+    """An aware UTC datetime from a datetime (naive = UTC) or an ISO 8601 string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("decision_id", sa.String(64), primary_key=True),  # makes a retried flush a no-op
+    sa.Column("request_id", sa.String(128), nullable=False, index=True),
+    sa.Column("exposure_id", sa.String(128), nullable=True, unique=True),  # NULL when action is none
+    sa.Column("customer_id", sa.String(128), nullable=False, index=True),
+    sa.Column("decided_at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("source", sa.String(16), nullable=False),  # api | batch
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("reason", sa.String(128)),
+    sa.Column("chosen_offer", sa.String(128)),
+    sa.Column("channel", sa.String(32)),
+    sa.Column("send_at", UTCDateTime()),
+    sa.Column("propensity", sa.Float),
+    sa.Column("cold_start", sa.Boolean, nullable=False, default=False),
+    sa.Column("degraded", sa.Boolean, nullable=False, default=False),
+    sa.Column("feature_timestamp", UTCDateTime()),
+    sa.Column("model_versions", sa.JSON),
+    sa.Column("payload", sa.JSON),  # candidate offers and channels with scores, suppressions, churn facts
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("exposure_id", sa.String(128), primary_key=True),
+    sa.Column("request_id", sa.String(128)),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("channel", sa.String(32)),
+    sa.Column("offer_id", sa.String(128)),  # NULL = a message without an offer
+    sa.Column("propensity", sa.Float),  # copied from the decision
+    sa.Column("sent", sa.Boolean, nullable=False, default=False),
+    sa.Column("sent_at", UTCDateTime()),
+    sa.Column("opened", sa.Boolean, nullable=False, default=False),
+    sa.Column("opened_at", UTCDateTime()),
+    sa.Column("clicked", sa.Boolean, nullable=False, default=False),
+    sa.Column("converted", sa.Boolean, nullable=False, default=False),
+    sa.Column("revenue", sa.Float, nullable=False, default=0.0),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_feedback_customer_sent", "customer_id", "sent_at"),
+)
+
+
+def serving_db_url(home: Path) -> str:
+    """``ENGAGE_SERVING_DB_URL`` if set, else the SQLite file under ``home``."""
+    url = os.environ.get("ENGAGE_SERVING_DB_URL", "").strip()
+    return url or f"sqlite:///{(Path(home) / SERVING_DB_FILE).resolve()}"
+
+
+def create_serving_engine(url: str | None = None, *, home: Path | None = None) -> Engine:
+    """An engine for ``url`` (default: :func:`serving_db_url` of ``resolve_home(home)``), tables created."""
+    if url is None:
+        url = serving_db_url(resolve_home(home))
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":  # SQLAlchemy 2.0 would pick psycopg2, which we do not ship
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):  # one shared in-memory database for every thread
+            kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs.update(connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+    engine = sa.create_engine(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite", **kwargs)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = FULL")
+        cur.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cur.close()
+
+
+def upsert(engine_or_dialect: Engine | sa.Dialect, table: sa.Table) -> Any:
+    """``INSERT`` with ``on_conflict_do_update`` / ``on_conflict_do_nothing`` for the engine's dialect."""
+    dialect = getattr(engine_or_dialect, "dialect", engine_or_dialect)
+    if dialect.name == "sqlite":
+        return sqlite.insert(table)
+    if dialect.name == "postgresql":
+        return postgresql.insert(table)
+    raise NotImplementedError(f"the serving database supports SQLite and PostgreSQL, not {dialect.name}")

@@ -1,0 +1,193 @@
+"""The decision log: non-blocking append, batched flushes, retry while the database is down, lookup."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from serving.decision_log import DecisionLog, decision_record
+from serving.servingdb import create_serving_engine, decisions, metadata, serving_db_url
+from serving.types import ChannelScore, Decision, OfferScore, Suppression
+
+DECIDED = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def _record(i: int, exposure: bool = True) -> dict:
+    return {
+        "request_id": f"r{i}",
+        "exposure_id": f"x{i}" if exposure else None,
+        "customer_id": f"C{i}",
+        "decided_at": DECIDED.isoformat(),
+        "source": "api",
+        "action": "retain" if exposure else "none",
+        "chosen_offer": "OFF10" if i % 2 else None,
+        "channel": "email",
+        "propensity": 0.5,
+        "cold_start": False,
+        "degraded": False,
+    }
+
+
+def _stored(engine: sa.Engine) -> int:
+    with engine.connect() as con:
+        return con.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> tuple[sa.Engine, Path]:
+    path = tmp_path / "serving" / "serving.db"
+    return create_serving_engine(f"sqlite:///{path}"), path
+
+
+def test_default_url_is_a_wal_sqlite_file_under_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENGAGE_SERVING_DB_URL", raising=False)
+    engine = create_serving_engine(home=tmp_path / "home")
+    assert (tmp_path / "home" / "serving" / "serving.db").exists()
+    with engine.connect() as con:
+        assert con.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert con.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+    monkeypatch.setenv("ENGAGE_SERVING_DB_URL", "sqlite:///elsewhere.db")
+    assert serving_db_url(tmp_path) == "sqlite:///elsewhere.db"
+
+
+def test_decision_record_is_json_safe_and_complete() -> None:
+    decision = Decision(
+        customer_id="C1", action="retain", reason=None, churn_probability=np.float32(0.7), risk_tier="high",
+        segment="at_risk", reasons=["days_since_last_purchase"],
+        offers=[OfferScore("OFF10", np.float64(0.2), 0.1, 0.1, np.float64(3.5), 3.5)],
+        chosen_offer="OFF10", channel="email", send_at=DECIDED, send_at_local=DECIDED, expected_open_rate=0.3,
+        propensity=np.float64(0.8), channels=[ChannelScore("email", True, 19, 0.3)],
+        suppressions=[Suppression("consent", "channel:sms", "no SMS consent")], cold_start=False, degraded=False,
+        feature_timestamp=DECIDED, model_versions={"churn": "3"},
+    )  # fmt: skip
+    record = decision_record(decision, "r1", "x1", DECIDED, "api")
+    json.dumps(record)  # raises on numpy scalars or datetimes
+    assert record["propensity"] == pytest.approx(0.8) and type(record["propensity"]) is float
+    assert record["decided_at"] == DECIDED.isoformat() and record["send_at"] == DECIDED.isoformat()
+    assert record["payload"]["offers"][0]["offer_id"] == "OFF10"
+    assert record["payload"]["suppressions"][0]["rule"] == "consent"
+    assert record["payload"]["channels"][0]["best_local_hour"] == 19
+
+
+def test_flush_stores_records_and_lookup_sees_pending_and_flushed(db) -> None:
+    engine, _ = db
+    dlog = DecisionLog(engine)
+    dlog.append(_record(1))
+    dlog.append(_record(2, exposure=False))
+    pending = dlog.lookup("x1")
+    assert pending is not None and pending.customer_id == "C1" and pending.decided_at == DECIDED
+    assert _stored(engine) == 0
+    assert dlog.flush() == 2
+    assert _stored(engine) == 2 and dlog.stats.pending == 0
+    flushed = DecisionLog(engine).lookup("x1")  # a fresh log: from the table
+    assert flushed == pending
+    assert dlog.lookup("nope") is None
+
+
+def test_close_flushes_what_is_pending_and_is_idempotent(db) -> None:
+    engine, _ = db
+    dlog = DecisionLog(engine, flush_interval_s=60).start()  # the thread would not tick in this test
+    for i in range(100):
+        dlog.append(_record(i))
+    dlog.close()
+    dlog.close()
+    assert _stored(engine) == 100
+    assert dlog.stats.flushed == 100 and dlog.stats.pending == 0
+
+
+def test_background_thread_flushes(db) -> None:
+    engine, _ = db
+    dlog = DecisionLog(engine, flush_interval_s=0.05).start()
+    for i in range(10):
+        dlog.append(_record(i))
+    deadline = time.monotonic() + 5
+    while dlog.stats.flushed < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _stored(engine) == 10
+    dlog.close()
+
+
+def test_append_does_not_block_while_the_database_is_locked(db) -> None:
+    engine, path = db
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    locker.execute("INSERT INTO decisions (decision_id, request_id, customer_id, decided_at, source, action, "
+                   "cold_start, degraded) VALUES ('held', 'r', 'C', '2025-06-01 00:00:00', 'api', 'none', 0, 0)")
+    dlog = DecisionLog(engine, flush_interval_s=0.01).start()
+    try:
+        time.sleep(0.1)  # let the writer block on the lock
+        slowest, start = 0.0, time.perf_counter()
+        for i in range(2000):
+            t0 = time.perf_counter()
+            dlog.append(_record(i))
+            slowest = max(slowest, time.perf_counter() - t0)
+        total = time.perf_counter() - start
+        assert total < 1.0 and slowest < 0.25, (total, slowest)  # a blocked append would wait the 10 s busy timeout
+        assert dlog.stats.pending == 2000 and _stored(engine) == 0
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    dlog.flush()
+    assert _stored(engine) == 2001
+    assert dlog.stats.flushed == 2000 and dlog.stats.dropped == 0
+    dlog.close()
+
+
+def test_database_unreachable_keeps_records_and_retries(db) -> None:
+    engine, _ = db
+    decisions.drop(engine)  # every write fails now
+    dlog = DecisionLog(engine)
+    for i in range(5):
+        dlog.append(_record(i))
+    assert dlog.flush() == 0
+    stats = dlog.stats
+    assert stats.pending == 5 and stats.flush_errors == 1 and stats.dropped == 0
+    assert "OperationalError" in stats.last_error and "C1" not in stats.last_error  # no customer data
+    assert dlog.lookup("x3") is not None  # still answerable from the buffer
+    metadata.create_all(engine)  # the database is back
+    assert dlog.flush() == 5
+    assert _stored(engine) == 5 and dlog.stats.pending == 0
+
+
+def test_overflow_drops_the_oldest_and_counts_them(db) -> None:
+    engine, _ = db
+    dlog = DecisionLog(engine, max_pending=10)
+    for i in range(15):
+        dlog.append(_record(i))
+    assert dlog.stats.dropped == 5 and dlog.stats.pending == 10
+    assert dlog.lookup("x4") is None and dlog.lookup("x5") is not None
+    dlog.flush()
+    with engine.connect() as con:
+        ids = sorted(con.execute(sa.select(decisions.c.exposure_id)).scalars(), key=lambda x: int(x[1:]))
+    assert ids == [f"x{i}" for i in range(5, 15)]
+
+
+def test_a_record_the_database_refuses_is_dropped_alone(db) -> None:
+    engine, _ = db
+    dlog = DecisionLog(engine)
+    dlog.append(_record(1))
+    dlog.append(_record(2) | {"payload": {"not json": object()}})
+    dlog.append(_record(3))
+    assert dlog.flush() == 2
+    assert _stored(engine) == 2 and dlog.stats.dropped == 1 and dlog.stats.pending == 0
+
+
+def test_flushing_twice_stores_each_record_once(db) -> None:
+    engine, _ = db
+    dlog = DecisionLog(engine)
+    records = [_record(i) | {"decision_id": f"d{i}"} for i in range(3)]
+    for r in records:
+        dlog.append(r)
+    dlog.flush()
+    for r in records:  # e.g. a retry after a commit whose acknowledgement was lost
+        dlog.append(r)
+    dlog.flush()
+    assert _stored(engine) == 3
