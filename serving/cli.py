@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from typing import Annotated
 
 import typer
@@ -36,6 +37,9 @@ def serve_command(
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     if home is not None:
         os.environ["ENGAGE_HOME"] = str(settings.home)  # the workers read settings from the environment
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one metrics folder for all workers (see serving/metrics.py)
+        folder = tempfile.mkdtemp(prefix="engage_metrics_")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = folder
     import uvicorn
 
     uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,

@@ -1,12 +1,21 @@
-"""Prometheus metrics of one app instance (its own registry, so tests can build several apps)."""
+"""Prometheus metrics of the scoring service.
+
+Importing Feast switches ``prometheus_client`` to its multiprocess mode (Feast sets
+``PROMETHEUS_MULTIPROC_DIR``), so metric values live in files shared by every process with that
+folder: ``engage serve --workers N`` gives all workers one folder and ``/metrics`` adds them up, so a
+scrape sees the whole service whichever worker answers. Within one process, values are shared by
+metric name (two app instances in one test process count together; tests compare before and after).
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -27,16 +36,17 @@ class Metrics:
                                 registry=r)
         self.actions = Counter("engage_actions_total", "decisions by action", ["action"], registry=r)
         self.model_version = Gauge("engage_model_version", "registry version of the loaded champion", ["model"],
-                                   registry=r)
+                                   registry=r, multiprocess_mode="livemax")
         self.reloads = Counter("engage_model_reloads_total", "model reload attempts by result", ["result"], registry=r)
-        self.models_ready = Gauge("engage_models_ready", "1 when models and the feature store are loaded", registry=r)
+        self.models_ready = Gauge("engage_models_ready", "1 when models and the feature store are loaded", registry=r,
+                                  multiprocess_mode="livemin")
         self.feedback = Counter("engage_feedback_total", "feedback posts by result", ["result"], registry=r)
         self.decision_log_pending = Gauge("engage_decision_log_pending", "decisions waiting to be flushed",
-                                          registry=r)
+                                          registry=r, multiprocess_mode="livesum")
         self.decision_log_dropped = Gauge("engage_decision_log_dropped", "decisions dropped (buffer overflow)",
-                                          registry=r)
+                                          registry=r, multiprocess_mode="livesum")
         self.decision_log_errors = Gauge("engage_decision_log_flush_errors", "failed decision log flushes",
-                                         registry=r)
+                                         registry=r, multiprocess_mode="livesum")
         self._collect_hooks: list[Callable[[], None]] = []
 
     def on_collect(self, hook: Callable[[], None]) -> None:
@@ -46,6 +56,11 @@ class Metrics:
     def render(self) -> bytes:
         for hook in self._collect_hooks:
             hook()
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if folder and os.path.isdir(folder):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=folder)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 

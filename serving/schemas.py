@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,10 +13,16 @@ CustomerId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S(.*\
 MAX_OFFERS = 10
 
 
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+
+
 def _aware(ts: datetime | None) -> datetime | None:
-    """A timestamp without an offset is UTC (as in the data contract)."""
+    """A timestamp without an offset is UTC (as in the data contract); years 1970-2199."""
     if ts is None:
         return None
+    if not (EARLIEST.replace(tzinfo=None) + timedelta(days=1) <= ts.replace(tzinfo=None)
+            <= LATEST.replace(tzinfo=None) - timedelta(days=1)):
+        raise ValueError("must be between 1970 and 2199")
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 

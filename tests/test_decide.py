@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -366,15 +365,3 @@ def test_action_mapping_is_configurable():
     mapped = policy(actions={"by_tier": {"low": "retain"}, "by_tier_segment": {}})
     assert decide(customer(churn_probability=0.05), mapped, NOW).action == "retain"
     assert decide(customer(churn_probability=0.9, segment="dormant"), mapped, NOW).action == "retain"  # default high
-
-
-# --- speed ---------------------------------------------------------------------------------------------
-
-
-def test_decide_is_fast():
-    scores = customer()
-    decide(scores, POLICY, NOW)
-    start = time.perf_counter()
-    for i in range(500):
-        decide(scores, POLICY, NOW, request_id=str(i))
-    assert (time.perf_counter() - start) / 500 < 1e-3  # ~50 us on a laptop; loose for shared CI machines

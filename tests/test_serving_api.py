@@ -33,6 +33,15 @@ def customers(served) -> list[str]:
     return sample_customers(served.home, 30)
 
 
+def _metric(client, sample: str) -> float:
+    """The value of one sample line of /metrics (0 when absent). Values are shared by every app in this
+    process (multiprocess mode, see serving/metrics.py), so tests compare before and after."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _recommend(client, customer_id: str, **body):
     return client.post("/v1/recommendations", json={"customer_id": customer_id, "now": NOW, **body})
 
@@ -110,11 +119,12 @@ def test_quiet_hours_hold_across_customers_and_timezones(client, customers):
 
 
 def test_unknown_customer_gets_a_cold_start_answer(client):
+    before = _metric(client, "engage_cold_starts_total")
     body = _recommend(client, "never-seen-customer").json()
     assert body["cold_start"] is True and body["degraded"] is False
     assert body["segment"] == "new" and body["churn_probability"] is None and body["reason_codes"] == []
     assert body["feature_timestamp"] is None
-    assert 'engage_cold_starts_total 1.0' in client.get("/metrics").text
+    assert _metric(client, "engage_cold_starts_total") == before + 1
 
 
 def test_batch_answers_each_customer_like_single_calls(client, customers):
@@ -145,6 +155,7 @@ def test_batch_over_the_limit_is_413(client, customers):
     ({"customer_id": "C1", "channels": []}, "channels"),
     ({"customer_id": "C1", "channels": ["email", "email"]}, "channels"),
     ({"customer_id": "C1", "now": "yesterday"}, "now"),
+    ({"customer_id": "C1", "now": "9999-12-31T23:59:59Z"}, "now"),
     ({"customer_id": "C1", "max_offers": -1}, "max_offers"),
     ({"customer_id": "C1", "max_offers": 11}, "max_offers"),
     ({"customer_id": "C1", "max_offers": "three"}, "max_offers"),
@@ -187,13 +198,14 @@ def test_unreadable_online_store_gives_degraded_answers_then_recovers(client, cu
     con = _online_db(serving_env.home)
     tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'") if "rfm" in t]
     assert tables
+    before = _metric(client, "engage_degraded_answers_total")
     con.execute(f'ALTER TABLE "{tables[0]}" RENAME TO hidden_for_test')
     con.commit()
     try:
         r = _recommend(client, customers[0])
         assert r.status_code == 200
         assert r.json()["degraded"] is True and r.json()["cold_start"] is False
-        assert "engage_degraded_answers_total 1.0" in client.get("/metrics").text
+        assert _metric(client, "engage_degraded_answers_total") == before + 1
     finally:
         con.execute(f'ALTER TABLE hidden_for_test RENAME TO "{tables[0]}"')
         con.commit()
@@ -229,13 +241,14 @@ def test_reload_picks_up_a_newly_promoted_model(client, customers, serving_env):
 def test_failed_reload_keeps_serving_the_last_good_models(client, customers, serving_env, tmp_path):
     from training.registry import promote
 
+    before = _metric(client, 'engage_model_reloads_total{result="failed"}')
     broken = _add_version(serving_env, "send_time", source=str(tmp_path / "no-such-model"))
     promote("send_time", broken)
     r = client.post("/v1/admin/reload").json()
     assert r["changed"] is False and r["error"] and r["versions"]["send_time"] == "1"
     assert _recommend(client, customers[0]).json()["model_versions"]["send_time"] == "1"
     assert client.get("/v1/models").json()["last_error"]
-    assert 'engage_model_reloads_total{result="failed"} 1.0' in client.get("/metrics").text
+    assert _metric(client, 'engage_model_reloads_total{result="failed"}') == before + 1
 
 
 def test_periodic_check_reloads_by_itself(serving_env, customers):
