@@ -10,6 +10,7 @@ export ENGAGE_HOME ?= $(CURDIR)/data
 DEMO_CUSTOMERS ?= 10000
 DEMO_DAYS ?= 365
 DEMO_SEED ?= 7
+DEMO_PORT ?= 8000
 SIM_DIR := $(ENGAGE_HOME)/simulated/n$(DEMO_CUSTOMERS)-d$(DEMO_DAYS)-s$(DEMO_SEED)
 
 .PHONY: demo test install lint bench mlflow-ui clean
@@ -33,6 +34,9 @@ demo: install
 	$(ENGAGE) features show --sample 2
 	$(ENGAGE) train all
 	$(ENGAGE) models compare
+	@test -s $(ENGAGE_HOME)/demo_api_key || $(ENGAGE) serve --generate-key > $(ENGAGE_HOME)/demo_api_key
+	@echo "serving until Ctrl-C; API key in $(ENGAGE_HOME)/demo_api_key"
+	ENGAGE_API_KEYS=$$(cat $(ENGAGE_HOME)/demo_api_key) $(ENGAGE) serve --port $(DEMO_PORT)
 
 test: install
 	$(PY) -m pytest

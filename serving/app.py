@@ -7,6 +7,7 @@ traces; a request body that does not validate is a 422 naming the field and the 
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -39,6 +40,10 @@ def create_app(settings: ServingSettings, service: EngageService | None = None) 
         svc = service or EngageService(settings, metrics)
         app.state.service = svc
         svc.start()
+        # Everything loaded at start-up (models, Feast objects) lives as long as the process: move it out of
+        # the collector's generations, so a full collection never pauses a request to walk it.
+        gc.collect()
+        gc.freeze()
         ok, why = svc.ready()
         log.info("engage serving %s: %s", "ready" if ok else "NOT ready", why)
         try:

@@ -40,10 +40,26 @@ def serve_command(
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one metrics folder for all workers (see serving/metrics.py)
         folder = tempfile.mkdtemp(prefix="engage_metrics_")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = folder
+    _print_example(settings, host, port)
     import uvicorn
 
     uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def _print_example(settings, host: str, port: int) -> None:
+    """An example call with a real customer id, so a person can try the service at once."""
+    from features.store import FeatureStoreError, sample_customers
+
+    try:
+        customer = sample_customers(settings.home, 1)[0]
+    except (FeatureStoreError, IndexError, OSError):
+        customer = "C0000001"
+    shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
+    console.print(f"Engage scoring API on http://{shown}:{port} (OpenAPI docs: http://{shown}:{port}/docs)\n"
+                  f"Try:\n  curl -s -X POST http://{shown}:{port}/v1/recommendations "
+                  f"-H 'Authorization: Bearer {settings.api_keys[0]}' -H 'Content-Type: application/json' "
+                  f"-d '{{\"customer_id\": \"{customer}\"}}'", highlight=False, soft_wrap=True)
 
 
 def feedback_import_command(home: HomeOption = None) -> None:

@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the service of this app, and API-key authentication."""
+"""FastAPI dependencies: the service of this app, and API-key authentication.
+
+Both are ``async`` so FastAPI calls them inline instead of hopping to its thread pool per request.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ from serving.service import EngageService
 _bearer = HTTPBearer(auto_error=False, description="an API key from ENGAGE_API_KEYS")
 
 
-def get_service(request: Request) -> EngageService:
+async def get_service(request: Request) -> EngageService:
     return request.app.state.service
 
 
-def require_api_key(request: Request,
+async def require_api_key(request: Request,
                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """401 unless the bearer token is one of the configured keys (compared in constant time)."""
     supplied = credentials.credentials.encode() if credentials else b""

@@ -121,7 +121,7 @@ class Scorer:
         curves: dict[str, np.ndarray] = {}
         if self.send_time is not None:
             X = self.plans["send_time"].build(values, n)
-            curves = {ch: self.send_time.open_curve_matrix(X, ch) for ch in self.send_time.channels}
+            curves = self.send_time.open_curves(X)
         out = []
         for i, cid in enumerate(customer_ids):
             found = timestamps[i] is not None

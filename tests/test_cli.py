@@ -19,7 +19,7 @@ def run(*args: str):
     "command",
     [[], ["simulate"], ["ingest"], ["features"], ["features", "build"], ["features", "apply"],
      ["features", "materialize"], ["features", "show"], ["train"], ["models"], ["models", "list"],
-     ["models", "compare"], ["models", "promote"], ["rejects"]],
+     ["models", "compare"], ["models", "promote"], ["rejects"], ["serve"], ["feedback"], ["feedback", "import"]],
 )
 def test_every_command_has_help(command):
     result = run(*command, "--help")
@@ -92,3 +92,24 @@ def test_failed_ingest_reports_without_traceback(tmp_path):
     result = runner.invoke(app, ["ingest", str(src), "--home", str(tmp_path / "home")])
     assert result.exit_code == 2
     assert "event_at" in result.output and "Traceback" not in result.output
+
+
+def test_serve_generates_a_key():
+    result = run("serve", "--generate-key")
+    assert result.exit_code == 0
+    assert len(result.output.strip()) >= 40
+
+
+@pytest.mark.parametrize("keys, message", [("", "no API key"), ("short", "at least 16 characters")])
+def test_serve_refuses_to_start_without_a_usable_key(monkeypatch, keys, message):
+    monkeypatch.setenv("ENGAGE_API_KEYS", keys)
+    result = run("serve", "--port", "8999")
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+@pytest.mark.parametrize("args", [["--port", "0"], ["--port", "70000"], ["--workers", "0"], ["--log-level", "loud"]])
+def test_serve_rejects_bad_flags(monkeypatch, args):
+    monkeypatch.setenv("ENGAGE_API_KEYS", "a-long-enough-test-key-123")
+    result = run("serve", *args)
+    assert result.exit_code == 2

@@ -31,6 +31,7 @@ small data.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,21 @@ class ChannelFit:
     theta: np.ndarray
 
 
+@functools.lru_cache(maxsize=256)
 def _kernel(bw: float, shift: float = 0.0) -> np.ndarray:
-    """K[a, b] = exp(-(a - b - shift)^2 / 2 bw^2), distances around the clock."""
-    return np.exp(-0.5 * (((_DIFF - shift + 12) % 24 - 12) / bw) ** 2)
+    """K[a, b] = exp(-(a - b - shift)^2 / 2 bw^2), distances around the clock (cached, read-only: a fitted
+    model asks for the same few kernels on every scoring call)."""
+    k = np.exp(-0.5 * (((_DIFF - shift + 12) % 24 - 12) / bw) ** 2)
+    k.flags.writeable = False
+    return k
+
+
+@functools.lru_cache(maxsize=256)
+def _log_kappa(shift: float, sigma: float) -> np.ndarray:
+    """log P(engagement hour t | preferred hour p): a kernel around p + shift plus a uniform share."""
+    out = np.log(0.7 * _kernel(sigma, shift) / (sigma * np.sqrt(2 * np.pi)) + 0.3 / 24)  # [t, p]
+    out.flags.writeable = False
+    return out
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -141,8 +154,7 @@ def hour_counts(X: np.ndarray, cols: dict[str, int], channel: str) -> np.ndarray
 
 def _posterior(counts: np.ndarray, shift: float, sigma: float, temper: float, prior: np.ndarray) -> np.ndarray:
     """P(preferred hour p | engagement hours), (rows, 24); ``temper`` < 1 counts bursts less than fully."""
-    kappa = 0.7 * _kernel(sigma, shift) / (sigma * np.sqrt(2 * np.pi)) + 0.3 / 24  # [t, p]
-    logpost = temper * counts @ np.log(kappa) + np.log(prior)
+    logpost = temper * counts @ _log_kappa(float(shift), float(sigma)) + np.log(prior)
     post = np.exp(logpost - logpost.max(axis=1, keepdims=True))
     return post / post.sum(axis=1, keepdims=True)
 
@@ -161,16 +173,21 @@ def preference_prior(counts: np.ndarray, shift: float, sigma: float, temper: flo
 def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray) -> np.ndarray:
     """log E[response(h)] under the posterior minus under the prior, (rows, 24); 0 without engagement."""
     shift, sigma, width, floor, temper = ev
-    response = floor + (1 - floor) * _kernel(width).T  # [p, h]
+    response = floor + (1 - floor) * _kernel(float(width)).T  # [p, h]
     z = np.log(_posterior(counts, shift, sigma, temper, prior) @ response) - np.log(prior @ response)
     z[counts.sum(axis=1) == 0] = 0.0
     return z
 
 
-def evidence_inputs(X: np.ndarray, cols: dict[str, int], channel: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Own-channel counts, all-channel counts (rows, 24) and level terms (rows, 3) of a prepared matrix."""
-    own = hour_counts(X, cols, channel)
-    every = sum(hour_counts(X, cols, c) for c in CHANNELS)
+def evidence_inputs(X: np.ndarray, cols: dict[str, int], channel: str,
+                    counts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Own-channel counts, all-channel counts (rows, 24) and level terms (rows, 3) of a prepared matrix.
+
+    ``counts`` (``hour_counts`` per channel) can be passed in when several channels are scored on one matrix.
+    """
+    counts = counts if counts is not None else {c: hour_counts(X, cols, c) for c in CHANNELS}
+    own = counts[channel]
+    every = sum(counts[c] for c in CHANNELS)
     active = np.nan_to_num(X[:, cols["active_days_30d"]].astype(float))
     return own, every, np.log1p(np.column_stack([own.sum(axis=1), every.sum(axis=1), active]))
 
@@ -205,7 +222,8 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
             return np.full(len(X), -1)
         return np.nan_to_num(X[:, self.cols[GROUP]], nan=-1).astype(int)
 
-    def open_curve_matrix(self, X: np.ndarray, channel: str) -> np.ndarray:
+    def open_curve_matrix(self, X: np.ndarray, channel: str,
+                          counts: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """P(open within 24 h) at each local send hour, (rows, 24), for a prepared matrix.
 
         At hours without training sends (see ``allowed_hours``) the curve is an extrapolation, never chosen.
@@ -213,10 +231,15 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
         f = self._fit(channel)
         code = self.group_codes(X)
         base = np.where((code >= 0)[:, None], f.group_curves[np.maximum(code, 0)], f.global_curve)
-        own, every, level = evidence_inputs(X, self.cols, channel)
+        own, every, level = evidence_inputs(X, self.cols, channel, counts)
         z = f.theta[1] * evidence_curve(own, f.evidence, f.prior)
         z += f.theta[2] * evidence_curve(every, (0.0, 2.0, *f.evidence[2:]), _FLAT)
         return 1 / (1 + np.exp(-(_logit(base) + f.theta[0] + z + (level @ f.theta[3:])[:, None])))
+
+    def open_curves(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`open_curve_matrix` for every modelled channel, sharing the per-hour engagement counts."""
+        counts = {c: hour_counts(X, self.cols, c) for c in CHANNELS}
+        return {ch: self.open_curve_matrix(X, ch, counts) for ch in self.fits}
 
     def allowed_hours(self, channel: str, allowed: list[int] | None = None) -> np.ndarray:
         """Hours that may be recommended: with training sends, and inside ``allowed`` (default 0-23)."""
