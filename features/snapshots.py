@@ -103,12 +103,23 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     def since(days: int) -> str:
         return f"event_at >= {t} - INTERVAL {days} DAY"
 
+    age_days = _days_since("event_at", t)
+    # Observed history in the last year, in days (at least one, so rates stay finite).
+    observed = f"greatest(least({_days_since('a.first_activity_at', t)}, 365), 1)"
+
     ev = [
         "max(event_at) FILTER (WHERE event_type = 'purchase') AS last_purchase_at",
         "min(event_at) FILTER (WHERE event_type = 'purchase') AS first_purchase_at",
         "count(*) FILTER (WHERE event_type = 'purchase') AS orders_lifetime",
         "coalesce(sum(amount) FILTER (WHERE event_type = 'purchase'), 0) AS revenue_lifetime",
         "max(event_at) AS last_activity_at",
+        "min(event_at) AS first_activity_at",
+        "max(event_at) FILTER (WHERE event_type = 'session') AS last_session_at",
+        f"count(*) FILTER (WHERE event_type = 'session' AND {since(365)}) AS sessions_365d",
+        f"sum(exp(-{age_days} / 30.0)) FILTER (WHERE event_type = 'session') AS sessions_decayed_30d",
+        f"sum(exp(-{age_days} / 60.0)) FILTER (WHERE event_type = 'purchase') AS orders_decayed_60d",
+        "max(event_at) FILTER (WHERE event_type = 'support_ticket' OR (event_type = 'complaint'"
+        " AND coalesce(channel, '') NOT IN ('email', 'sms', 'push'))) AS last_support_contact_at",
         f"count(DISTINCT CAST(event_at AS DATE)) FILTER (WHERE {since(30)}) AS active_days_30d",
         "max(event_at) FILTER (WHERE event_type = 'support_ticket') AS last_ticket_at",
         "max(event_at) FILTER (WHERE event_type = 'complaint') AS last_complaint_at",
@@ -180,7 +191,12 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
             f"coalesce(a.orders_{w}d, 0) AS orders_{w}d",
             f"coalesce(a.revenue_{w}d, 0)::DOUBLE AS revenue_{w}d",
         ]
-    derived.append("a.revenue_365d / nullif(a.orders_365d, 0) AS avg_order_value_365d")
+    derived += [
+        "a.revenue_365d / nullif(a.orders_365d, 0) AS avg_order_value_365d",
+        f"30.0 * a.orders_365d / {observed} AS orders_per_30d_365d",
+        "coalesce(a.orders_decayed_60d, 0)::DOUBLE AS orders_decayed_60d",
+        f"{_days_since('a.last_purchase_at', t)} * a.orders_365d / {observed} AS purchase_gap_ratio",
+    ]
     for metric in ENGAGEMENT_METRICS:
         derived += [f"coalesce(a.{metric}_{w}d, 0) AS {metric}_{w}d" for w in WINDOWS]
         derived.append(
@@ -190,10 +206,18 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     derived += [
         f"{_days_since('a.last_activity_at', t)} AS days_since_last_activity",
         "coalesce(a.active_days_30d, 0) AS active_days_30d",
+        f"{_days_since('a.first_activity_at', t)} AS history_days",
+        f"{_days_since('a.last_session_at', t)} AS days_since_last_session",
+        f"30.0 * a.sessions_365d / {observed} AS sessions_per_30d_365d",
+        "coalesce(a.sessions_decayed_30d, 0)::DOUBLE AS sessions_decayed_30d",
+        f"{_days_since('a.last_session_at', t)} * a.sessions_365d / {observed} AS session_gap_ratio",
+        f"(a.sessions_30d / least({observed}, 30.0)) / nullif(a.sessions_365d / {observed}, 0)"
+        " AS sessions_30d_vs_365d",
     ]
     for kind in ("tickets", "complaints"):
         derived += [f"coalesce(a.{kind}_{w}d, 0) AS {kind}_{w}d" for w in (30, 90, 365)]
         derived.append(f"{_days_since(f'a.last_{kind[:-1]}_at', t)} AS days_since_last_{kind[:-1]}")
+    derived.append(f"{_days_since('a.last_support_contact_at', t)} AS days_since_last_support_contact")
     derived += [
         f"(coalesce(c.{ch}_opt_in, true) AND NOT coalesce(a.unsub_{ch}, false)) AS {ch}_consent"
         for ch in CONSENT_CHANNELS

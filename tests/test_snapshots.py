@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from datetime import UTC, datetime
 
 import duckdb
@@ -45,6 +46,16 @@ def test_snapshot_values_match_hand_computed(home):
     assert c2.segment == "new" and c1.segment == "potential"
     assert c1.attr_age_band == "25-34" and c1.attr_household_size == 2
     assert c1.email_opens_trend == pytest.approx(1.0)  # 1 open in 30 days, none in the 60 before
+    history = 30 + 11 / 24  # first event May 1 13:00
+    assert c1.history_days == pytest.approx(history)
+    assert c1.orders_per_30d_365d == pytest.approx(30 * 2 / history)
+    assert c1.purchase_gap_ratio == pytest.approx((6 + 11 / 24) * 2 / history)
+    assert c1.orders_decayed_60d == pytest.approx(math.exp(-history / 60) + math.exp(-(6 + 11 / 24) / 60))
+    assert pd.isna(c1.days_since_last_session) and pd.isna(c1.days_since_last_support_contact)
+    assert c2.days_since_last_session == pytest.approx(1 + 23 / 24)
+    assert c2.sessions_per_30d_365d == pytest.approx(30 / (1 + 23 / 24))
+    assert c2.sessions_30d_vs_365d == pytest.approx(1.0)
+    assert c2.days_since_last_support_contact == pytest.approx(22 / 24)  # the complaint by phone
 
 
 def test_no_feature_sees_rows_at_or_after_t(home, tmp_path):
