@@ -112,6 +112,13 @@ def _offer_history() -> list[Feature]:
         Feature("message_open_rate_365d", "float", v, "opened before T / sent; null if none sent"),
         Feature("days_since_last_message", "float", v, "null if never messaged"),
         Feature("redemptions_365d", "int", v),
+        Feature("control_sends_matured_365d", "int", v,
+                "messages without an offer sent 1-365 days before T (their conversion is known)"),
+        Feature("control_conversions_365d", "int", v, "of those, converted"),
+        Feature("offer_sends_matured_365d", "int", v, "messages with an offer sent 1-365 days before T"),
+        Feature("offer_conversions_365d", "int", v, "of those, converted"),
+        Feature("offer_uplift_365d", "float", v,
+                "(offer conversions + 0.1) / (offer sends + 1) - (control conversions + 0.1) / (control sends + 1)"),
     ]
     for kind in OFFER_KINDS:
         out.append(Feature(f"offers_{kind}_sent_365d", "int", v))
@@ -126,6 +133,17 @@ def _hour_profile() -> list[Feature]:
         out.append(Feature(f"{ch}_engagements_365d", "int", v))
         out += [
             Feature(f"{ch}_hour_{h:02d}", "float", v, f"share of {ch} engagement at local hour {h}")
+            for h in range(24)
+        ]
+    for ch in HOUR_PROFILE_CHANNELS:  # the campaign log: every send is a trial at a known local hour
+        out += [
+            Feature(f"{ch}_sent_hour_{h:02d}", "int", v,
+                    f"{ch} messages sent at local hour {h}, 1-365 days before T (outcome known)")
+            for h in range(24)
+        ]
+        out += [
+            Feature(f"{ch}_opened_hour_{h:02d}", "int", v,
+                    f"of the {ch} messages sent at local hour {h}, those opened within 24 h (before T)")
             for h in range(24)
         ]
     return out

@@ -153,6 +153,7 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     def sent_since(days: int) -> str:
         return f"sent_at >= {t} - INTERVAL {days} DAY"
 
+    matured = f"{sent_since(365)} AND sent_at < {t} - INTERVAL 1 DAY"
     ex = [
         f"count(*) FILTER (WHERE {sent_since(30)}) AS messages_30d",
         f"count(*) FILTER (WHERE {sent_since(90)}) AS messages_90d",
@@ -160,6 +161,11 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         f"count(*) FILTER (WHERE x.offer_id IS NULL AND {sent_since(365)}) AS control_messages_365d",
         f"count(*) FILTER (WHERE opened_at < {t} AND {sent_since(365)}) AS opened_365d",
         "max(sent_at) AS last_message_at",
+        # A send's conversion is read only once a day has passed since it (the label's own window).
+        f"count(*) FILTER (WHERE x.offer_id IS NULL AND {matured}) AS control_sends_matured_365d",
+        f"count(*) FILTER (WHERE x.offer_id IS NULL AND converted AND {matured}) AS control_conversions_365d",
+        f"count(*) FILTER (WHERE x.offer_id IS NOT NULL AND {matured}) AS offer_sends_matured_365d",
+        f"count(*) FILTER (WHERE x.offer_id IS NOT NULL AND converted AND {matured}) AS offer_conversions_365d",
     ] + [
         f"count(*) FILTER (WHERE kind_bucket = '{k}' AND {sent_since(365)}) AS offers_{k}_sent_365d"
         for k in OFFER_KINDS
@@ -172,6 +178,12 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     for ch in HOUR_PROFILE_CHANNELS:
         hp.append(f"sum(n) FILTER (WHERE ch = '{ch}') AS {ch}_engagements_365d")
         hp += [f"sum(n) FILTER (WHERE ch = '{ch}' AND local_hour = {h}) AS {ch}_n{h:02d}" for h in range(24)]
+    xh = []
+    for ch in HOUR_PROFILE_CHANNELS:
+        xh += [f"sum(sends) FILTER (WHERE channel = '{ch}' AND local_hour = {h}) AS {ch}_sent_hour_{h:02d}"
+               for h in range(24)]
+        xh += [f"sum(opens) FILTER (WHERE channel = '{ch}' AND local_hour = {h}) AS {ch}_opened_hour_{h:02d}"
+               for h in range(24)]
     hour_event_types = "('email_open', 'email_click', 'sms_click', 'push_open', 'session', 'page_view')"
     kinds = ", ".join(f"'{k}'" for k in OFFER_KINDS[:-1])
     # A message without an offer is the control arm: no offer kind at all.
@@ -233,11 +245,22 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         f"{_days_since('x.last_message_at', t)} AS days_since_last_message",
         "coalesce(a.redemptions_365d, 0) AS redemptions_365d",
     ]
+    for arm in ("control", "offer"):
+        derived += [f"coalesce(x.{arm}_sends_matured_365d, 0) AS {arm}_sends_matured_365d",
+                    f"coalesce(x.{arm}_conversions_365d, 0) AS {arm}_conversions_365d"]
+    derived.append(
+        "(coalesce(x.offer_conversions_365d, 0) + 0.1) / (coalesce(x.offer_sends_matured_365d, 0) + 1)"
+        " - (coalesce(x.control_conversions_365d, 0) + 0.1) / (coalesce(x.control_sends_matured_365d, 0) + 1)"
+        " AS offer_uplift_365d"
+    )
     for k in OFFER_KINDS:
         derived += [
             f"coalesce(x.offers_{k}_sent_365d, 0) AS offers_{k}_sent_365d",
             f"coalesce(r.offers_{k}_redeemed_365d, 0) AS offers_{k}_redeemed_365d",
         ]
+    for ch in HOUR_PROFILE_CHANNELS:
+        derived += [f"coalesce(xh.{ch}_{what}_hour_{hr:02d}, 0)::BIGINT AS {ch}_{what}_hour_{hr:02d}"
+                    for what in ("sent", "opened") for hr in range(24)]
     for ch in HOUR_PROFILE_CHANNELS:
         derived.append(f"coalesce(h.{ch}_engagements_365d, 0)::BIGINT AS {ch}_engagements_365d")
         derived += [
@@ -290,6 +313,19 @@ h AS (
     FROM h_long
     GROUP BY customer_id
 ),
+xh_long AS (
+    SELECT customer_id, channel, local_hour, count(*) AS sends, count(*) FILTER (WHERE opened) AS opens
+    FROM (SELECT e.customer_id, e.channel, hour(timezone(c.timezone, e.sent_at::TIMESTAMPTZ)) AS local_hour,
+                 coalesce(e.opened_at < {t} AND e.opened_at < e.sent_at + INTERVAL 24 HOUR, false) AS opened
+          FROM exposures e JOIN cust c USING (customer_id)
+          WHERE {matured})
+    GROUP BY ALL
+),
+xh AS (
+    SELECT customer_id, {", ".join(xh)}
+    FROM xh_long
+    GROUP BY customer_id
+),
 base AS (
     SELECT c.customer_id, {", ".join(derived)}
     FROM cust c
@@ -297,6 +333,7 @@ base AS (
     LEFT JOIN x USING (customer_id)
     LEFT JOIN r USING (customer_id)
     LEFT JOIN h USING (customer_id)
+    LEFT JOIN xh USING (customer_id)
 ),
 ranked AS (
     SELECT *,
