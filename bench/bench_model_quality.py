@@ -44,7 +44,7 @@ def main() -> None:
     from training import churn, next_best_offer, send_time
     from training.context import open_context
 
-    work = args.workdir / f"quality-{args.customers}-{args.days}-{args.seed}"
+    work = args.workdir.resolve() / f"quality-{args.customers}-{args.days}-{args.seed}"
     src, home = work / "src", work / "home"
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")

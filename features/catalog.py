@@ -112,6 +112,8 @@ def _offer_history() -> list[Feature]:
         Feature("message_open_rate_365d", "float", v, "opened before T / sent; null if none sent"),
         Feature("days_since_last_message", "float", v, "null if never messaged"),
         Feature("redemptions_365d", "int", v),
+        Feature("redemption_share_365d", "float", v,
+                "share of the last year's orders with an offer or code; null without orders"),
         Feature("control_sends_matured_365d", "int", v,
                 "messages without an offer sent 1-365 days before T (their conversion is known)"),
         Feature("control_conversions_365d", "int", v, "of those, converted"),

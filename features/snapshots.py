@@ -244,6 +244,7 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         "x.opened_365d / nullif(x.messages_365d, 0) AS message_open_rate_365d",
         f"{_days_since('x.last_message_at', t)} AS days_since_last_message",
         "coalesce(a.redemptions_365d, 0) AS redemptions_365d",
+        "a.redemptions_365d / nullif(a.orders_365d, 0) AS redemption_share_365d",
     ]
     for arm in ("control", "offer"):
         derived += [f"coalesce(x.{arm}_sends_matured_365d, 0) AS {arm}_sends_matured_365d",

@@ -57,6 +57,7 @@ def test_snapshot_values_match_hand_computed(home):
     assert c2.sessions_30d_vs_365d == pytest.approx(1.0)
     assert c2.days_since_last_support_contact == pytest.approx(22 / 24)  # the complaint by phone
     assert (c1.offer_sends_matured_365d, c1.offer_conversions_365d, c1.control_sends_matured_365d) == (1, 1, 0)
+    assert c1.redemption_share_365d == pytest.approx(0.5)
     assert c1.offer_uplift_365d == pytest.approx(1.1 / 2 - 0.1)
     assert c2.control_sends_matured_365d == 0  # sent 12 hours before T: its conversion is not known yet
     assert (c1.email_sent_hour_08, c1.email_opened_hour_08) == (1, 1)  # 12:00 UTC is 08:00 in New York
