@@ -174,16 +174,10 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     # Count per (customer, channel, local hour) first, then pivot: the timezone conversion then runs
     # once per event instead of once per pivot column.
     hp_channel = "CASE " + " ".join(f"WHEN {pred} THEN '{ch}'" for ch, pred in HOUR_PROFILE_CHANNELS.items()) + " END"
-    hp = []
-    for ch in HOUR_PROFILE_CHANNELS:
-        hp.append(f"sum(n) FILTER (WHERE ch = '{ch}') AS {ch}_engagements_365d")
-        hp += [f"sum(n) FILTER (WHERE ch = '{ch}' AND local_hour = {h}) AS {ch}_n{h:02d}" for h in range(24)]
-    xh = []
-    for ch in HOUR_PROFILE_CHANNELS:
-        xh += [f"sum(sends) FILTER (WHERE channel = '{ch}' AND local_hour = {h}) AS {ch}_sent_hour_{h:02d}"
-               for h in range(24)]
-        xh += [f"sum(opens) FILTER (WHERE channel = '{ch}' AND local_hour = {h}) AS {ch}_opened_hour_{h:02d}"
-               for h in range(24)]
+    hp = [f"sum(n) FILTER (WHERE ch = '{ch}') AS {ch}_engagements_365d" for ch in HOUR_PROFILE_CHANNELS]
+    hp.append("map(list(ch || ':' || local_hour), list(n)) AS n_at")  # per channel:hour, read back per column
+    # Sends and opens per (channel, local hour) go into two maps keyed by channel:hour, read back per
+    # column: hundreds of FILTER aggregates would cost more than the rest of the snapshot together.
     hour_event_types = "('email_open', 'email_click', 'sms_click', 'push_open', 'session', 'page_view')"
     kinds = ", ".join(f"'{k}'" for k in OFFER_KINDS[:-1])
     # A message without an offer is the control arm: no offer kind at all.
@@ -260,12 +254,12 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
             f"coalesce(r.offers_{k}_redeemed_365d, 0) AS offers_{k}_redeemed_365d",
         ]
     for ch in HOUR_PROFILE_CHANNELS:
-        derived += [f"coalesce(xh.{ch}_{what}_hour_{hr:02d}, 0)::BIGINT AS {ch}_{what}_hour_{hr:02d}"
+        derived += [f"coalesce(xh.{what}['{ch}:{hr}'], 0)::BIGINT AS {ch}_{what}_hour_{hr:02d}"
                     for what in ("sent", "opened") for hr in range(24)]
     for ch in HOUR_PROFILE_CHANNELS:
         derived.append(f"coalesce(h.{ch}_engagements_365d, 0)::BIGINT AS {ch}_engagements_365d")
         derived += [
-            f"coalesce(h.{ch}_n{hr:02d} / nullif(h.{ch}_engagements_365d, 0), 0)::DOUBLE AS {ch}_hour_{hr:02d}"
+            f"coalesce(h.n_at['{ch}:{hr}'] / nullif(h.{ch}_engagements_365d, 0), 0)::DOUBLE AS {ch}_hour_{hr:02d}"
             for hr in range(24)
         ]
     derived += [
@@ -323,7 +317,8 @@ xh_long AS (
     GROUP BY ALL
 ),
 xh AS (
-    SELECT customer_id, {", ".join(xh)}
+    SELECT customer_id, map(list(channel || ':' || local_hour), list(sends)) AS sent,
+           map(list(channel || ':' || local_hour), list(opens)) AS opened
     FROM xh_long
     GROUP BY customer_id
 ),
