@@ -67,7 +67,6 @@ DEAD_PAGE_VIEW_RATE = 0.004
 ORDER_SIGMA = 0.45  # lognormal sigma of one customer's order values
 # Traits that show in behaviour, as they do in real shops (see ``draw_traits``):
 BROWSE_BUY_CORRELATION = 0.6  # of log session rate with log purchase rate: frequent buyers visit more
-AOV_SENSITIVITY_SLOPE = 0.8  # log order value falls by this much from the least to the most price-sensitive
 CODE_USE_MAX = 0.4  # share of organic orders with a discount code at price sensitivity 1 (x sensitivity^2)
 DISCOUNT_CODES = (0, 1)  # offer indices (OFF10, OFF20) that circulate as codes outside the campaigns
 
@@ -264,14 +263,14 @@ def draw_traits(rng: np.random.Generator, n: int, days: int, start_us: int) -> T
     send_mult = np.where(loyal, 1.3, 1.0)[:, None]  # marketing writes more to loyalty members
     prone = np.clip(rng.lognormal(-0.32, 0.8, n), 0.05, 8.0)
     # Browsing and buying share a customer factor: the session rate keeps its lognormal marginal but its
-    # log is correlated with the log purchase rate. Price-sensitive customers place smaller orders.
+    # log is correlated with the log purchase rate.
     mu_p, mu_s = np.log(6.0 / 365) - 0.32, np.log(40.0 / 365) - 0.18
     purchase_rate = rng.lognormal(mu_p, 0.8, n)
     own_browse = (np.log(rng.lognormal(mu_s, 0.6, n)) - mu_s) / 0.6
     z = BROWSE_BUY_CORRELATION * (np.log(purchase_rate) - mu_p) / 0.8
     session_rate = np.exp(mu_s + 0.6 * (z + np.sqrt(1 - BROWSE_BUY_CORRELATION**2) * own_browse))
     page_views = rng.uniform(0.2, 1.4, n)
-    aov_mu = rng.normal(np.log(50.0), 0.28, n) + AOV_SENSITIVITY_SLOPE * (0.5 - sensitivity)
+    aov_mu = rng.normal(np.log(50.0), 0.35, n)
     return Traits(
         tz=tz, signup_us=signup_us, first_day=first_day, age_band=age, household_size=household,
         loyal=loyal, consent0=consent0, alive0=alive0, eng0=eng0, decay=decay, onset=onset,
