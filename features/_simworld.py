@@ -65,6 +65,10 @@ UPSET_RECOVERY = 1.0 / 30.0  # daily chance an upset customer calms down
 ENGAGEMENT_HAZARD_SLOPE = 2.5
 DEAD_PAGE_VIEW_RATE = 0.004
 ORDER_SIGMA = 0.45  # lognormal sigma of one customer's order values
+# Traits that show in behaviour, as they do in real shops (see ``draw_traits``):
+BROWSE_BUY_CORRELATION = 0.6  # of log session rate with log purchase rate: frequent buyers visit more
+CODE_USE_MAX = 0.4  # share of organic orders with a discount code at price sensitivity 1 (x sensitivity^2)
+DISCOUNT_CODES = (0, 1)  # offer indices (OFF10, OFF20) that circulate as codes outside the campaigns
 
 # Persuadables' appetite per offer: intercept + slope * price sensitivity + loyalty bonus.
 AFFINITY_INTERCEPT = np.array([0.45, 0.50, 1.00, 0.30, 0.50])
@@ -258,13 +262,20 @@ def draw_traits(rng: np.random.Generator, n: int, days: int, start_us: int) -> T
     pref = np.clip(np.rint(centre + spread * rng.standard_normal((n, 4))), 7, 21).astype(np.int64)
     send_mult = np.where(loyal, 1.3, 1.0)[:, None]  # marketing writes more to loyalty members
     prone = np.clip(rng.lognormal(-0.32, 0.8, n), 0.05, 8.0)
+    # Browsing and buying share a customer factor: the session rate keeps its lognormal marginal but its
+    # log is correlated with the log purchase rate.
+    mu_p, mu_s = np.log(6.0 / 365) - 0.32, np.log(40.0 / 365) - 0.18
+    purchase_rate = rng.lognormal(mu_p, 0.8, n)
+    own_browse = (np.log(rng.lognormal(mu_s, 0.6, n)) - mu_s) / 0.6
+    z = BROWSE_BUY_CORRELATION * (np.log(purchase_rate) - mu_p) / 0.8
+    session_rate = np.exp(mu_s + 0.6 * (z + np.sqrt(1 - BROWSE_BUY_CORRELATION**2) * own_browse))
+    page_views = rng.uniform(0.2, 1.4, n)
+    aov_mu = rng.normal(np.log(50.0), 0.35, n)
     return Traits(
         tz=tz, signup_us=signup_us, first_day=first_day, age_band=age, household_size=household,
         loyal=loyal, consent0=consent0, alive0=alive0, eng0=eng0, decay=decay, onset=onset,
-        purchase_rate=rng.lognormal(np.log(6.0 / 365) - 0.32, 0.8, n),
-        session_rate=rng.lognormal(np.log(40.0 / 365) - 0.18, 0.6, n),
-        page_views_per_session=rng.uniform(0.2, 1.4, n),
-        aov_mu=rng.normal(np.log(50.0), 0.35, n), sensitivity=sensitivity, response=response,
+        purchase_rate=purchase_rate, session_rate=session_rate, page_views_per_session=page_views,
+        aov_mu=aov_mu, sensitivity=sensitivity, response=response,
         arm_mult=arm_multipliers(response, sensitivity, loyal),
         conv_base=rng.uniform(0.04, 0.15, n), proneness=prone, h0=h0, pref_hour=pref,
         open_width=rng.uniform(1.5, 3.0, (n, 4)), open_rho=rng.uniform(0.5, 1.5, (n, 4)),

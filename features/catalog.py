@@ -55,6 +55,10 @@ def _rfm() -> list[Feature]:
         out.append(Feature(f"revenue_{w}d", "float", v))
     out += [
         Feature("avg_order_value_365d", "float", v, "null without orders in the year"),
+        Feature("orders_per_30d_365d", "float", v, "orders in the last year per 30 days of observed history"),
+        Feature("orders_decayed_60d", "float", v, "orders weighted by exp(-age / 60 days)"),
+        Feature("purchase_gap_ratio", "float", v,
+                "days since the last purchase x orders per day in the last year: expected orders missed"),
         Feature("spend_percentile_365d", "float", v, "rank of last-year spend among customers at T, 0-1"),
         Feature("segment", "string", v, "RFM segment: high_value, potential, new, at_risk, dormant"),
     ]
@@ -70,6 +74,14 @@ def _engagement() -> list[Feature]:
     out += [
         Feature("days_since_last_activity", "float", v, "any event; null if none"),
         Feature("active_days_30d", "int", v, "distinct days with any event"),
+        Feature("history_days", "float", v, "days since the customer's first event (observed history); null if none"),
+        Feature("days_since_last_session", "float", v, "null if none"),
+        Feature("sessions_per_30d_365d", "float", v, "sessions in the last year per 30 days of observed history"),
+        Feature("sessions_decayed_30d", "float", v, "sessions weighted by exp(-age / 30 days)"),
+        Feature("session_gap_ratio", "float", v,
+                "days since the last session x sessions per day in the last year: expected sessions missed"),
+        Feature("sessions_30d_vs_365d", "float", v,
+                "sessions per day in the last 30 days / in the last year (observed); null without sessions"),
     ]
     return out
 
@@ -80,6 +92,8 @@ def _support() -> list[Feature]:
     for kind in ("tickets", "complaints"):
         out += [Feature(f"{kind}_{w}d", "int", v) for w in (30, 90, 365)]
         out.append(Feature(f"days_since_last_{kind[:-1]}", "float", v, "null if none"))
+    out.append(Feature("days_since_last_support_contact", "float", v,
+                       "ticket or complaint outside the marketing channels (email, sms, push); null if none"))
     out += [Feature(f"{ch}_consent", "bool", v, "opted in and not unsubscribed") for ch in CONSENT_CHANNELS]
     out += [
         Feature("unsubscribes_30d", "int", v),
@@ -98,6 +112,15 @@ def _offer_history() -> list[Feature]:
         Feature("message_open_rate_365d", "float", v, "opened before T / sent; null if none sent"),
         Feature("days_since_last_message", "float", v, "null if never messaged"),
         Feature("redemptions_365d", "int", v),
+        Feature("redemption_share_365d", "float", v,
+                "share of the last year's orders with an offer or code; null without orders"),
+        Feature("control_sends_matured_365d", "int", v,
+                "messages without an offer sent 1-365 days before T (their conversion is known)"),
+        Feature("control_conversions_365d", "int", v, "of those, converted"),
+        Feature("offer_sends_matured_365d", "int", v, "messages with an offer sent 1-365 days before T"),
+        Feature("offer_conversions_365d", "int", v, "of those, converted"),
+        Feature("offer_uplift_365d", "float", v,
+                "(offer conversions + 0.1) / (offer sends + 1) - (control conversions + 0.1) / (control sends + 1)"),
     ]
     for kind in OFFER_KINDS:
         out.append(Feature(f"offers_{kind}_sent_365d", "int", v))
@@ -112,6 +135,17 @@ def _hour_profile() -> list[Feature]:
         out.append(Feature(f"{ch}_engagements_365d", "int", v))
         out += [
             Feature(f"{ch}_hour_{h:02d}", "float", v, f"share of {ch} engagement at local hour {h}")
+            for h in range(24)
+        ]
+    for ch in HOUR_PROFILE_CHANNELS:  # the campaign log: every send is a trial at a known local hour
+        out += [
+            Feature(f"{ch}_sent_hour_{h:02d}", "int", v,
+                    f"{ch} messages sent at local hour {h}, 1-365 days before T (outcome known)")
+            for h in range(24)
+        ]
+        out += [
+            Feature(f"{ch}_opened_hour_{h:02d}", "int", v,
+                    f"of the {ch} messages sent at local hour {h}, those opened within 24 h (before T)")
             for h in range(24)
         ]
     return out

@@ -103,12 +103,23 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     def since(days: int) -> str:
         return f"event_at >= {t} - INTERVAL {days} DAY"
 
+    age_days = _days_since("event_at", t)
+    # Observed history in the last year, in days (at least one, so rates stay finite).
+    observed = f"greatest(least({_days_since('a.first_activity_at', t)}, 365), 1)"
+
     ev = [
         "max(event_at) FILTER (WHERE event_type = 'purchase') AS last_purchase_at",
         "min(event_at) FILTER (WHERE event_type = 'purchase') AS first_purchase_at",
         "count(*) FILTER (WHERE event_type = 'purchase') AS orders_lifetime",
         "coalesce(sum(amount) FILTER (WHERE event_type = 'purchase'), 0) AS revenue_lifetime",
         "max(event_at) AS last_activity_at",
+        "min(event_at) AS first_activity_at",
+        "max(event_at) FILTER (WHERE event_type = 'session') AS last_session_at",
+        f"count(*) FILTER (WHERE event_type = 'session' AND {since(365)}) AS sessions_365d",
+        f"sum(exp(-{age_days} / 30.0)) FILTER (WHERE event_type = 'session') AS sessions_decayed_30d",
+        f"sum(exp(-{age_days} / 60.0)) FILTER (WHERE event_type = 'purchase') AS orders_decayed_60d",
+        "max(event_at) FILTER (WHERE event_type = 'support_ticket' OR (event_type = 'complaint'"
+        " AND coalesce(channel, '') NOT IN ('email', 'sms', 'push'))) AS last_support_contact_at",
         f"count(DISTINCT CAST(event_at AS DATE)) FILTER (WHERE {since(30)}) AS active_days_30d",
         "max(event_at) FILTER (WHERE event_type = 'support_ticket') AS last_ticket_at",
         "max(event_at) FILTER (WHERE event_type = 'complaint') AS last_complaint_at",
@@ -142,6 +153,7 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     def sent_since(days: int) -> str:
         return f"sent_at >= {t} - INTERVAL {days} DAY"
 
+    matured = f"{sent_since(365)} AND sent_at < {t} - INTERVAL 1 DAY"
     ex = [
         f"count(*) FILTER (WHERE {sent_since(30)}) AS messages_30d",
         f"count(*) FILTER (WHERE {sent_since(90)}) AS messages_90d",
@@ -149,6 +161,11 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         f"count(*) FILTER (WHERE x.offer_id IS NULL AND {sent_since(365)}) AS control_messages_365d",
         f"count(*) FILTER (WHERE opened_at < {t} AND {sent_since(365)}) AS opened_365d",
         "max(sent_at) AS last_message_at",
+        # A send's conversion is read only once a day has passed since it (the label's own window).
+        f"count(*) FILTER (WHERE x.offer_id IS NULL AND {matured}) AS control_sends_matured_365d",
+        f"count(*) FILTER (WHERE x.offer_id IS NULL AND converted AND {matured}) AS control_conversions_365d",
+        f"count(*) FILTER (WHERE x.offer_id IS NOT NULL AND {matured}) AS offer_sends_matured_365d",
+        f"count(*) FILTER (WHERE x.offer_id IS NOT NULL AND converted AND {matured}) AS offer_conversions_365d",
     ] + [
         f"count(*) FILTER (WHERE kind_bucket = '{k}' AND {sent_since(365)}) AS offers_{k}_sent_365d"
         for k in OFFER_KINDS
@@ -157,10 +174,10 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     # Count per (customer, channel, local hour) first, then pivot: the timezone conversion then runs
     # once per event instead of once per pivot column.
     hp_channel = "CASE " + " ".join(f"WHEN {pred} THEN '{ch}'" for ch, pred in HOUR_PROFILE_CHANNELS.items()) + " END"
-    hp = []
-    for ch in HOUR_PROFILE_CHANNELS:
-        hp.append(f"sum(n) FILTER (WHERE ch = '{ch}') AS {ch}_engagements_365d")
-        hp += [f"sum(n) FILTER (WHERE ch = '{ch}' AND local_hour = {h}) AS {ch}_n{h:02d}" for h in range(24)]
+    hp = [f"sum(n) FILTER (WHERE ch = '{ch}') AS {ch}_engagements_365d" for ch in HOUR_PROFILE_CHANNELS]
+    hp.append("map(list(ch || ':' || local_hour), list(n)) AS n_at")  # per channel:hour, read back per column
+    # Sends and opens per (channel, local hour) go into two maps keyed by channel:hour, read back per
+    # column: hundreds of FILTER aggregates would cost more than the rest of the snapshot together.
     hour_event_types = "('email_open', 'email_click', 'sms_click', 'push_open', 'session', 'page_view')"
     kinds = ", ".join(f"'{k}'" for k in OFFER_KINDS[:-1])
     # A message without an offer is the control arm: no offer kind at all.
@@ -180,7 +197,12 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
             f"coalesce(a.orders_{w}d, 0) AS orders_{w}d",
             f"coalesce(a.revenue_{w}d, 0)::DOUBLE AS revenue_{w}d",
         ]
-    derived.append("a.revenue_365d / nullif(a.orders_365d, 0) AS avg_order_value_365d")
+    derived += [
+        "a.revenue_365d / nullif(a.orders_365d, 0) AS avg_order_value_365d",
+        f"30.0 * a.orders_365d / {observed} AS orders_per_30d_365d",
+        "coalesce(a.orders_decayed_60d, 0)::DOUBLE AS orders_decayed_60d",
+        f"{_days_since('a.last_purchase_at', t)} * a.orders_365d / {observed} AS purchase_gap_ratio",
+    ]
     for metric in ENGAGEMENT_METRICS:
         derived += [f"coalesce(a.{metric}_{w}d, 0) AS {metric}_{w}d" for w in WINDOWS]
         derived.append(
@@ -190,10 +212,18 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
     derived += [
         f"{_days_since('a.last_activity_at', t)} AS days_since_last_activity",
         "coalesce(a.active_days_30d, 0) AS active_days_30d",
+        f"{_days_since('a.first_activity_at', t)} AS history_days",
+        f"{_days_since('a.last_session_at', t)} AS days_since_last_session",
+        f"30.0 * a.sessions_365d / {observed} AS sessions_per_30d_365d",
+        "coalesce(a.sessions_decayed_30d, 0)::DOUBLE AS sessions_decayed_30d",
+        f"{_days_since('a.last_session_at', t)} * a.sessions_365d / {observed} AS session_gap_ratio",
+        f"(a.sessions_30d / least({observed}, 30.0)) / nullif(a.sessions_365d / {observed}, 0)"
+        " AS sessions_30d_vs_365d",
     ]
     for kind in ("tickets", "complaints"):
         derived += [f"coalesce(a.{kind}_{w}d, 0) AS {kind}_{w}d" for w in (30, 90, 365)]
         derived.append(f"{_days_since(f'a.last_{kind[:-1]}_at', t)} AS days_since_last_{kind[:-1]}")
+    derived.append(f"{_days_since('a.last_support_contact_at', t)} AS days_since_last_support_contact")
     derived += [
         f"(coalesce(c.{ch}_opt_in, true) AND NOT coalesce(a.unsub_{ch}, false)) AS {ch}_consent"
         for ch in CONSENT_CHANNELS
@@ -208,16 +238,28 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
         "x.opened_365d / nullif(x.messages_365d, 0) AS message_open_rate_365d",
         f"{_days_since('x.last_message_at', t)} AS days_since_last_message",
         "coalesce(a.redemptions_365d, 0) AS redemptions_365d",
+        "a.redemptions_365d / nullif(a.orders_365d, 0) AS redemption_share_365d",
     ]
+    for arm in ("control", "offer"):
+        derived += [f"coalesce(x.{arm}_sends_matured_365d, 0) AS {arm}_sends_matured_365d",
+                    f"coalesce(x.{arm}_conversions_365d, 0) AS {arm}_conversions_365d"]
+    derived.append(
+        "(coalesce(x.offer_conversions_365d, 0) + 0.1) / (coalesce(x.offer_sends_matured_365d, 0) + 1)"
+        " - (coalesce(x.control_conversions_365d, 0) + 0.1) / (coalesce(x.control_sends_matured_365d, 0) + 1)"
+        " AS offer_uplift_365d"
+    )
     for k in OFFER_KINDS:
         derived += [
             f"coalesce(x.offers_{k}_sent_365d, 0) AS offers_{k}_sent_365d",
             f"coalesce(r.offers_{k}_redeemed_365d, 0) AS offers_{k}_redeemed_365d",
         ]
     for ch in HOUR_PROFILE_CHANNELS:
+        derived += [f"coalesce(xh.{what}['{ch}:{hr}'], 0)::BIGINT AS {ch}_{what}_hour_{hr:02d}"
+                    for what in ("sent", "opened") for hr in range(24)]
+    for ch in HOUR_PROFILE_CHANNELS:
         derived.append(f"coalesce(h.{ch}_engagements_365d, 0)::BIGINT AS {ch}_engagements_365d")
         derived += [
-            f"coalesce(h.{ch}_n{hr:02d} / nullif(h.{ch}_engagements_365d, 0), 0)::DOUBLE AS {ch}_hour_{hr:02d}"
+            f"coalesce(h.n_at['{ch}:{hr}'] / nullif(h.{ch}_engagements_365d, 0), 0)::DOUBLE AS {ch}_hour_{hr:02d}"
             for hr in range(24)
         ]
     derived += [
@@ -266,6 +308,20 @@ h AS (
     FROM h_long
     GROUP BY customer_id
 ),
+xh_long AS (
+    SELECT customer_id, channel, local_hour, count(*) AS sends, count(*) FILTER (WHERE opened) AS opens
+    FROM (SELECT e.customer_id, e.channel, hour(timezone(c.timezone, e.sent_at::TIMESTAMPTZ)) AS local_hour,
+                 coalesce(e.opened_at < {t} AND e.opened_at < e.sent_at + INTERVAL 24 HOUR, false) AS opened
+          FROM exposures e JOIN cust c USING (customer_id)
+          WHERE {matured})
+    GROUP BY ALL
+),
+xh AS (
+    SELECT customer_id, map(list(channel || ':' || local_hour), list(sends)) AS sent,
+           map(list(channel || ':' || local_hour), list(opens)) AS opened
+    FROM xh_long
+    GROUP BY customer_id
+),
 base AS (
     SELECT c.customer_id, {", ".join(derived)}
     FROM cust c
@@ -273,6 +329,7 @@ base AS (
     LEFT JOIN x USING (customer_id)
     LEFT JOIN r USING (customer_id)
     LEFT JOIN h USING (customer_id)
+    LEFT JOIN xh USING (customer_id)
 ),
 ranked AS (
     SELECT *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from datetime import UTC, datetime
 
 import duckdb
@@ -45,6 +46,22 @@ def test_snapshot_values_match_hand_computed(home):
     assert c2.segment == "new" and c1.segment == "potential"
     assert c1.attr_age_band == "25-34" and c1.attr_household_size == 2
     assert c1.email_opens_trend == pytest.approx(1.0)  # 1 open in 30 days, none in the 60 before
+    history = 30 + 11 / 24  # first event May 1 13:00
+    assert c1.history_days == pytest.approx(history)
+    assert c1.orders_per_30d_365d == pytest.approx(30 * 2 / history)
+    assert c1.purchase_gap_ratio == pytest.approx((6 + 11 / 24) * 2 / history)
+    assert c1.orders_decayed_60d == pytest.approx(math.exp(-history / 60) + math.exp(-(6 + 11 / 24) / 60))
+    assert pd.isna(c1.days_since_last_session) and pd.isna(c1.days_since_last_support_contact)
+    assert c2.days_since_last_session == pytest.approx(1 + 23 / 24)
+    assert c2.sessions_per_30d_365d == pytest.approx(30 / (1 + 23 / 24))
+    assert c2.sessions_30d_vs_365d == pytest.approx(1.0)
+    assert c2.days_since_last_support_contact == pytest.approx(22 / 24)  # the complaint by phone
+    assert (c1.offer_sends_matured_365d, c1.offer_conversions_365d, c1.control_sends_matured_365d) == (1, 1, 0)
+    assert c1.redemption_share_365d == pytest.approx(0.5)
+    assert c1.offer_uplift_365d == pytest.approx(1.1 / 2 - 0.1)
+    assert c2.control_sends_matured_365d == 0  # sent 12 hours before T: its conversion is not known yet
+    assert (c1.email_sent_hour_08, c1.email_opened_hour_08) == (1, 1)  # 12:00 UTC is 08:00 in New York
+    assert c1.email_sent_hour_12 == 0 and c2.push_sent_hour_21 == 0
 
 
 def test_no_feature_sees_rows_at_or_after_t(home, tmp_path):

@@ -15,6 +15,12 @@ Hierarchical empirical Bayes per channel, on the logit scale:
   ``floor + (1 - floor) exp(-(h - p)^2 / 2 width^2)``, and z is its log ratio to the same under the prior.
   ``z_all`` reads all channels' engagement with a flat prior. Without history z = 0, so a new customer gets
   the group/global best hour; the more history, the more the curve follows it: that is the shrinkage.
+  The campaign log adds a second kind of evidence to ``z_own``: each past send on the channel at local
+  hour h is a Bernoulli trial, opened with probability ``base * response(h, p)``, so opens count at the
+  hour the message went out (not the hour it was read, hours later for email), SMS and in-app opens count
+  at all (they leave no open event), and sends left unopened count against their hour. ``base`` is picked
+  on the validation slice with the kernel (0 drops this evidence). On a 10,000-customer world it moved the
+  true open ratio to the oracle hour from 0.801 to 0.810.
 - ``level``: log engagement counts; they move the expected open rate, not the hour.
 
 Hyperparameters are picked by log loss on a validation slice (the latest 20% of the training sends), then
@@ -76,6 +82,12 @@ class ChannelFit:
     evidence: Evidence
     prior: np.ndarray  # (24,) population distribution of the preferred hour
     theta: np.ndarray
+    send_base: float = 0.0  # open probability scale of the past-send evidence (0: not used)
+
+    def trials(self, X: np.ndarray, cols: dict[str, int], channel: str) -> Trials | None:
+        if self.send_base <= 0:
+            return None
+        return send_trials(X, cols, channel).with_params(self.evidence[2], self.evidence[3], self.send_base)
 
 
 @functools.lru_cache(maxsize=256)
@@ -152,16 +164,51 @@ def hour_counts(X: np.ndarray, cols: dict[str, int], channel: str) -> np.ndarray
     return share * np.nan_to_num(X[:, cols[f"{channel}_engagements_365d"]].astype(float))[:, None]
 
 
-def _posterior(counts: np.ndarray, shift: float, sigma: float, temper: float, prior: np.ndarray) -> np.ndarray:
-    """P(preferred hour p | engagement hours), (rows, 24); ``temper`` < 1 counts bursts less than fully."""
+def _posterior(counts: np.ndarray, shift: float, sigma: float, temper: float, prior: np.ndarray,
+               trials: Trials | None = None) -> np.ndarray:
+    """P(preferred hour p | engagement hours, past sends), (rows, 24); ``temper`` < 1 counts bursts less
+    than fully. ``trials`` adds the campaign log's sends as Bernoulli trials (see ``Trials``)."""
     logpost = temper * counts @ _log_kappa(float(shift), float(sigma)) + np.log(prior)
+    if trials is not None and trials.base > 0:
+        logpost = logpost + trials.loglik()
     post = np.exp(logpost - logpost.max(axis=1, keepdims=True))
     return post / post.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class Trials:
+    """Past sends on the channel per local hour and those opened within 24 h, (rows, 24) each.
+
+    A send at hour h to a customer who prefers hour p opens with probability ``base * response(h, p)``
+    (``response = floor + (1 - floor) exp(-(h - p)^2 / 2 width^2)``), so both opens and non-opens speak
+    about p, and opens count at the hour the message went out rather than the hour it was read.
+    """
+
+    sent: np.ndarray
+    opened: np.ndarray
+    width: float = 2.0
+    floor: float = 0.3
+    base: float = 0.0
+
+    def loglik(self) -> np.ndarray:
+        r = np.clip(self.base * (self.floor + (1 - self.floor) * _kernel(self.width)), 1e-6, 1 - 1e-6)  # [h, p]
+        return self.opened @ np.log(r) + (self.sent - self.opened) @ np.log1p(-r)
+
+    def rows(self, m: np.ndarray) -> Trials:
+        return Trials(self.sent[m], self.opened[m], self.width, self.floor, self.base)
+
+    def with_params(self, width: float, floor: float, base: float) -> Trials:
+        return Trials(self.sent, self.opened, width, floor, base)
+
+    def any(self) -> np.ndarray:
+        return self.sent.sum(axis=1) > 0 if self.base > 0 else np.zeros(len(self.sent), bool)
+
+
 def preference_prior(counts: np.ndarray, shift: float, sigma: float, temper: float, iters: int = 25) -> np.ndarray:
     """Population distribution of the preferred hour: the prior equal to the mean of its own posteriors
-    over the distinct engagement profiles (EM for a nonparametric prior); flat without any."""
+    over the distinct engagement profiles (EM for a nonparametric prior); flat without any. Past sends
+    are left out here: nearly every customer's send history is distinct, which would make this EM cost
+    as much as a pass over all rows per iteration, for a population mean the engagement already gives."""
     profiles = np.unique(counts[counts.sum(axis=1) > 0], axis=0)
     prior = _FLAT
     for _ in range(iters if len(profiles) else 0):
@@ -170,13 +217,26 @@ def preference_prior(counts: np.ndarray, shift: float, sigma: float, temper: flo
     return prior
 
 
-def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray) -> np.ndarray:
-    """log E[response(h)] under the posterior minus under the prior, (rows, 24); 0 without engagement."""
+def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray, trials: Trials | None = None) -> np.ndarray:
+    """log E[response(h)] under the posterior minus under the prior, (rows, 24); 0 without evidence."""
     shift, sigma, width, floor, temper = ev
     response = floor + (1 - floor) * _kernel(float(width)).T  # [p, h]
-    z = np.log(_posterior(counts, shift, sigma, temper, prior) @ response) - np.log(prior @ response)
-    z[counts.sum(axis=1) == 0] = 0.0
+    z = np.log(_posterior(counts, shift, sigma, temper, prior, trials) @ response) - np.log(prior @ response)
+    none = counts.sum(axis=1) == 0
+    if trials is not None:
+        none &= ~trials.any()
+    z[none] = 0.0
     return z
+
+
+def send_trials(X: np.ndarray, cols: dict[str, int], channel: str) -> Trials:
+    """The channel's past sends and opens per local hour of a prepared matrix (none if the columns are absent)."""
+    names = [f"{channel}_sent_hour_{h:02d}" for h in HOURS]
+    if names[0] not in cols:
+        return Trials(np.zeros((len(X), 24)), np.zeros((len(X), 24)))
+    sent = np.nan_to_num(X[:, [cols[n] for n in names]].astype(float))
+    opened = np.nan_to_num(X[:, [cols[f"{channel}_opened_hour_{h:02d}"] for h in HOURS]].astype(float))
+    return Trials(sent, np.minimum(opened, sent))
 
 
 def evidence_inputs(X: np.ndarray, cols: dict[str, int], channel: str,
@@ -232,7 +292,7 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
         code = self.group_codes(X)
         base = np.where((code >= 0)[:, None], f.group_curves[np.maximum(code, 0)], f.global_curve)
         own, every, level = evidence_inputs(X, self.cols, channel, counts)
-        z = f.theta[1] * evidence_curve(own, f.evidence, f.prior)
+        z = f.theta[1] * evidence_curve(own, f.evidence, f.prior, f.trials(X, self.cols, channel))
         z += f.theta[2] * evidence_curve(every, (0.0, 2.0, *f.evidence[2:]), _FLAT)
         return 1 / (1 + np.exp(-(_logit(base) + f.theta[0] + z + (level @ f.theta[3:])[:, None])))
 
@@ -288,6 +348,7 @@ def _fit_channel(parts: dict[str, tuple], cols: dict[str, int], channel: str, n_
     """
     (_, hf, yf, gf), (_, hv, yv, gv), (_, ha, ya, ga) = parts["fit"], parts["val"], parts["all"]
     inputs = {name: evidence_inputs(part[0], cols, channel) for name, part in parts.items()}
+    trials = {name: send_trials(part[0], cols, channel) for name, part in parts.items()}
     cross: dict[tuple, np.ndarray] = {}  # the all-channel evidence depends on width and floor only
 
     def curves(h, y, g, harmonics, strength):
@@ -301,11 +362,15 @@ def _fit_channel(parts: dict[str, tuple], cols: dict[str, int], channel: str, n_
     def offset(glob, grp, g, h):
         return _logit(np.where(g >= 0, grp[np.maximum(g, 0), h], glob[h]))
 
-    def design(name, ev, prior):
+    def own_trials(name, ev, base):
+        return trials[name].with_params(ev[2], ev[3], base) if base > 0 else None
+
+    def design(name, ev, prior, base):
         (own, every, level), h = inputs[name], parts[name][1]
         if (name, *ev[2:]) not in cross:
             cross[(name, *ev[2:])] = evidence_curve(every, (0.0, 2.0, *ev[2:]), _FLAT)[np.arange(len(h)), h]
-        return np.column_stack([evidence_curve(own, ev, prior)[np.arange(len(h)), h], cross[(name, *ev[2:])], level])
+        own_z = evidence_curve(own, ev, prior, own_trials(name, ev, base))[np.arange(len(h)), h]
+        return np.column_stack([own_z, cross[(name, *ev[2:])], level])
 
     sizes = (2, 3, 4, 6)  # the smoothest first: a rougher curve must earn its place
     harmonics = _pick(sizes, [_row_loss(yv, _logit(curves(hf, yf, gf, k, np.inf)[0][hv])) for k in sizes])
@@ -316,21 +381,27 @@ def _fit_channel(parts: dict[str, tuple], cols: dict[str, int], channel: str, n_
     off_f, off_v = offset(glob, grp, gf, hf), offset(glob, grp, gv, hv)
 
     def score(ev):
+        evidence, base = ev[:5], ev[5]
         prior = preference_prior(inputs["fit"][0], ev[0], ev[1], ev[4])
-        theta = _fit_logistic(off_f, design("fit", ev, prior), yf)
-        return _row_loss(yv, off_v + theta[0] + design("val", ev, prior) @ theta[1:]).mean()
+        theta = _fit_logistic(off_f, design("fit", evidence, prior, base), yf)
+        return _row_loss(yv, off_v + theta[0] + design("val", evidence, prior, base) @ theta[1:]).mean()
 
-    ev = [1.0, 1.5, 2.0, 0.3, 0.5]  # one coordinate-descent pass over shift, sigma, width, floor, tempering
-    for i, grid in enumerate(((-1.0, 0.0, 1.0, 2.0, 3.0), (1.0, 2.0), (1.5, 2.5), (0.1, 0.3), (0.25, 0.5, 1.0))):
+    # The past-send evidence's open scale: about twice the mean open rate (the response averages ~0.5
+    # over the send hours); 0 leaves it out.
+    b0 = float(np.clip(2 * yf.mean(), 0.01, 0.9))
+    ev = [1.0, 1.5, 2.0, 0.3, 0.5, b0]  # one coordinate-descent pass over shift, sigma, width, floor, tempering,
+    grids = ((-1.0, 0.0, 1.0, 2.0, 3.0), (1.0, 2.0), (1.5, 2.5), (0.1, 0.3), (0.25, 0.5, 1.0),  # send scale
+             (0.0, b0 / 2, b0, min(0.95, 2 * b0)))
+    for i, grid in enumerate(grids):
         ev[i] = min(grid, key=lambda v: score((*ev[:i], v, *ev[i + 1:])))
-    evidence = (ev[0], ev[1], ev[2], ev[3], ev[4])
+    evidence, send_base = (ev[0], ev[1], ev[2], ev[3], ev[4]), float(ev[5])
     glob, grp = curves(ha, ya, ga, harmonics, strength)
     prior = preference_prior(inputs["all"][0], ev[0], ev[1], ev[4])
-    theta = _fit_logistic(offset(glob, grp, ga, ha), design("all", evidence, prior), ya)
+    theta = _fit_logistic(offset(glob, grp, ga, ha), design("all", evidence, prior, send_base), ya)
     sends = np.bincount(ha, minlength=24)
-    log.info("send time %s: %d harmonics, group strength %s, evidence %s, theta %s", channel, harmonics,
-             strength, evidence, np.round(theta, 3))
-    return ChannelFit(glob, grp, sends >= max(10, 0.1 * sends.max()), evidence, prior, theta)
+    log.info("send time %s: %d harmonics, group strength %s, evidence %s, send scale %.3f, theta %s", channel,
+             harmonics, strength, evidence, send_base, np.round(theta, 3))
+    return ChannelFit(glob, grp, sends >= max(10, 0.1 * sends.max()), evidence, prior, theta, send_base)
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")  # small matrices: BLAS threads only cost time
