@@ -34,6 +34,7 @@ demo: install
 	$(ENGAGE) features show --sample 2
 	$(ENGAGE) train all
 	$(ENGAGE) models compare
+	$(ENGAGE) score --overwrite --top 1000 --out $(ENGAGE_HOME)/scores/winback_top1000.parquet
 	@test -s $(ENGAGE_HOME)/demo_api_key || $(ENGAGE) serve --generate-key > $(ENGAGE_HOME)/demo_api_key
 	@echo "serving until Ctrl-C; API key in $(ENGAGE_HOME)/demo_api_key"
 	ENGAGE_API_KEYS=$$(cat $(ENGAGE_HOME)/demo_api_key) $(ENGAGE) serve --port $(DEMO_PORT)

@@ -8,6 +8,7 @@ import typer
 
 from features.cli import features_app, ingest_command, rejects_command, simulate_command
 from serving.cli import feedback_app, serve_command
+from serving.score_cli import score_command
 from training.cli import models_app, train_command
 
 app = typer.Typer(
@@ -25,6 +26,9 @@ app.command("rejects", help="Show rows the last loads rejected, with reasons and
 app.add_typer(features_app, name="features")
 app.command("train", help="Train churn, nbo, send-time or all; log to MLflow, register and gate.")(train_command)
 app.add_typer(models_app, name="models")
+app.command("score", help="Score every customer with the champion models into a ranked win-back list.")(
+    score_command
+)
 app.command("serve", help="Serve next-best-action recommendations over HTTP (FastAPI + uvicorn).")(serve_command)
 app.add_typer(feedback_app, name="feedback")
 

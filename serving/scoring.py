@@ -93,9 +93,23 @@ class Scorer:
         if send_time is not None:
             self.supported = {ch: send_time.allowed_hours(ch) for ch in send_time.channels}
 
+    def churn_reasons(self, values: Mapping[str, Sequence], n: int) -> list[list[str]]:
+        """The churn reason codes :meth:`score` gives, alone (empty lists without a churn model)."""
+        if self.churn is None:
+            return [[] for _ in range(n)]
+        horizon = float(getattr(self.churn, "horizon_days", 90))
+        btyd = btyd_arrays(*(column(values, name, n) for name in (
+            "orders_lifetime", "tenure_days", "days_since_last_purchase")), horizon)
+        return self.churn.reasons(self.plans["churn"].build({**values, **btyd}, n))
+
     def score(self, customer_ids: Sequence[str], values: Mapping[str, Sequence],
-              timestamps: Sequence[datetime | None], degraded: bool = False) -> list[CustomerScores]:
-        """Model outputs for each customer; ``values`` holds feature columns (None = missing)."""
+              timestamps: Sequence[datetime | None], degraded: bool = False, *,
+              reasons: bool = True) -> list[CustomerScores]:
+        """Model outputs for each customer; ``values`` holds feature columns (None = missing).
+
+        ``reasons=False`` leaves ``churn_reasons`` empty (batch scoring adds them with :meth:`churn_reasons`
+        to the rows it writes only: they cost far more than the scores).
+        """
         n = len(customer_ids)
         num = {name: column(values, name, n) for name in (
             "orders_365d", "revenue_365d", "orders_lifetime", "revenue_lifetime", "tenure_days",
@@ -103,10 +117,12 @@ class Scorer:
             "days_since_last_message", "messages_30d")}
         horizon = float(getattr(self.churn, "horizon_days", 90))
         btyd = btyd_arrays(num["orders_lifetime"], num["tenure_days"], num["days_since_last_purchase"], horizon)
-        churn_p, reasons = np.full(n, np.nan), [[] for _ in range(n)]
+        churn_p, codes = np.full(n, np.nan), [[] for _ in range(n)]
         if self.churn is not None:
             X = self.plans["churn"].build({**values, **btyd}, n)
-            churn_p, reasons = self.churn.score_matrix(X), self.churn.reasons(X)
+            churn_p = self.churn.score_matrix(X)
+            if reasons:
+                codes = self.churn.reasons(X)
         p = profit = None
         if self.nbo is not None:
             X = self.plans["nbo"].build(values, n)
@@ -139,7 +155,7 @@ class Scorer:
                 days_since_last_message=_optional(num["days_since_last_message"][i]),
                 messages_30d=int(np.nan_to_num(num["messages_30d"][i])),
                 churn_probability=_optional(churn_p[i]),
-                churn_reasons=reasons[i],
+                churn_reasons=codes[i],
                 expected_value=float(expected_value[i]),
                 arms=list(self.nbo.arms) if self.nbo is not None else [],
                 p_convert=p[i] if p is not None else None,
