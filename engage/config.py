@@ -84,15 +84,21 @@ def config_path(home: Path) -> Path:
     return local if local.exists() else DEFAULT_CONFIG_FILE
 
 
+def read_yaml(path: Path, what: str, error: type[Exception]) -> dict:
+    """A YAML file with ``${VARS}`` expanded from the environment; unreadable or invalid -> ``error``
+    whose message names ``what`` (config, policy) and the file."""
+    try:
+        return yaml.safe_load(os.path.expandvars(Path(path).read_text())) or {}
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
 def load_config(path: Path | None = None) -> EngageConfig:
     """Read and validate a config file (the packaged defaults when ``path`` is None)."""
     path = path or DEFAULT_CONFIG_FILE
-    try:
-        raw = yaml.safe_load(os.path.expandvars(Path(path).read_text())) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "config", ConfigError)
     try:
         return EngageConfig.model_validate(raw)
     except ValidationError as exc:

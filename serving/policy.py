@@ -12,9 +12,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engage.config import read_yaml
 from engage.settings import resolve_home
 from features.segments import SEGMENTS
 
@@ -287,12 +287,7 @@ def _describe(exc: ValidationError) -> str:
 def load_policy(path: Path | None = None) -> Policy:
     """Read and validate a policy file (resolved by :func:`policy_path` when ``path`` is None)."""
     path = Path(path) if path is not None else policy_path()
-    try:
-        raw = yaml.safe_load(os.path.expandvars(path.read_text())) or {}
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"policy {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "policy", PolicyError)
     try:
         return Policy.model_validate(raw)
     except ValidationError as exc:
