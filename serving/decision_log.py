@@ -244,14 +244,24 @@ class DecisionLog:
         if self._pending:
             log.error("decision log: closed with %d records not written: %s", len(self._pending), self._last_error)
 
-    def lookup(self, exposure_id: str) -> DecisionRef | None:
-        """The decision for an exposure: pending records first, then the table."""
+    def lookup(self, exposure_id: str, grace_s: float | None = None) -> DecisionRef | None:
+        """The decision for an exposure: pending records first, then the table.
+
+        With several workers, the decision may sit in another worker's buffer for up to one flush
+        interval; an exposure not found is looked up again until ``grace_s`` (default three flush
+        intervals) has passed before it is called unknown.
+        """
         with self._lock:
             record = self._by_exposure.get(exposure_id)
         if record is not None:
             ref = {k: record.get(k) for k in _REF_COLUMNS}
             return DecisionRef(**ref | {"decided_at": as_utc(ref["decided_at"])})
-        return lookup_decision(self.engine, exposure_id)
+        deadline = time.monotonic() + (3 * self.flush_interval_s if grace_s is None else grace_s)
+        while True:
+            found = lookup_decision(self.engine, exposure_id)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(min(self.flush_interval_s / 2, max(deadline - time.monotonic(), 0.0)))
 
     @property
     def stats(self) -> LogStats:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,6 +91,19 @@ def test_flush_stores_records_and_lookup_sees_pending_and_flushed(db) -> None:
     flushed = DecisionLog(engine).lookup("x1")  # a fresh log: from the table
     assert flushed == pending
     assert dlog.lookup("nope") is None
+
+
+def test_lookup_waits_for_a_decision_another_worker_has_not_flushed_yet(db) -> None:
+    engine, _ = db
+    worker_a = DecisionLog(engine, flush_interval_s=60)  # flushes only when told
+    worker_b = DecisionLog(engine)
+    worker_a.append(_record(1))
+    assert worker_b.lookup("x1", grace_s=0) is None  # only in worker A's buffer
+    flusher = threading.Timer(0.3, worker_a.flush)
+    flusher.start()
+    found = worker_b.lookup("x1", grace_s=30)  # found once A flushes, well before the grace ends
+    flusher.join()
+    assert found is not None and found.customer_id == "C1"
 
 
 def test_close_flushes_what_is_pending_and_is_idempotent(db) -> None:
