@@ -7,7 +7,12 @@ no HTTP: the feature read + the three models (``reader.read`` + ``scorer.score``
 ``get_online_features`` for the three services, and ``EngageService.recommend``. GET /healthz at the same rate
 gives the HTTP and client floor. Targets: p99 < 5 ms at 200 requests/s; service p50 <= 3x floor p50; no errors.
 
+With ``--profile production`` (ENGAGE_REDIS_URL, ENGAGE_POSTGRES_URL set, the world materialized there) the
+online store is Redis, the serving database PostgreSQL, and Redis's own GET round trip (redis-py, the same
+client the reader uses) is measured in the same loop as the floor under the floor.
+
 Usage: MLFLOW_TRACKING_URI=... python bench/bench_serving.py --home $ENGAGE_HOME [--rate 200] [--duration 60]
+       python bench/bench_serving.py --profile production --home $ENGAGE_HOME
 """
 
 from __future__ import annotations
@@ -208,6 +213,11 @@ def floor(home: str, n_sample: int, batch_size: int, db_url: str, cpus: list[int
              "service": lambda c: svc.recommend([reqs[c]]),
              "feast_sdk": lambda c: [store.get_online_features(features=fs, entity_rows=[{ENTITY: c}]).to_dict()
                                      for fs in services]}
+    redis = getattr(reader.online_store, "_client", None) if store.config.online_store.type == "redis" else None
+    if redis is not None:  # the network floor of the production profile: one GET round trip
+        redis.set(b"engage:bench:probe", b"x")
+        steps["redis_get"] = lambda c: redis.get(b"engage:bench:probe")
+        mine["redis_get"] = mine["read"]
     times: dict[str, list[float]] = {k: [] for k in steps}
     svc.start()
     try:  # interleaved per customer, so that other load on the machine hits every figure alike
@@ -295,7 +305,13 @@ def main() -> None:
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                         help="server on the first CPU, load generator on the second (default: when possible)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", choices=("embedded", "production"), default=os.environ.get("ENGAGE_PROFILE"),
+                        help="production: Redis online store, PostgreSQL serving database (ENGAGE_REDIS_URL, "
+                             "ENGAGE_POSTGRES_URL)")
     args = parser.parse_args()
+    production = args.profile == "production"
+    if args.profile:
+        os.environ["ENGAGE_PROFILE"] = args.profile  # the floor's child process and the server inherit it
     if args.home is None:
         parser.error("--home or ENGAGE_HOME is required")
     home, work, key = args.home.resolve(), Path(tempfile.mkdtemp(prefix="bench-serving-")), secrets.token_urlsafe(32)
@@ -307,21 +323,23 @@ def main() -> None:
                "load_before": os.getloadavg(), "server_cpus": server_cpus, "client_cpus": client_cpus}
     print(f"machine: {machine['host']} {platform.machine()}, {machine['cores']} cores, {machine['ram_gib']} GiB, "
           f"Python {machine['python']}; load average {machine['load_before'][0]:.2f}")
-    print(f"home: {home}; customers in the online store: {online_customers(home) or 'n/a (not SQLite)'}")
+    print(f"home: {home}; profile {args.profile or 'embedded'}; customers in the online store: "
+          f"{online_customers(home) or 'n/a (not SQLite)'}")
     print(f"pinning: server on CPU {server_cpus}, load generator on CPU {client_cpus}" if server_cpus else
           "pinning: none (--no-pin, fewer than 2 cores, or --workers > 1)")
 
     print("in-process floor ...", flush=True)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # a fresh process, off the client
-        got = pool.submit(floor, str(home), args.customers_sample, args.batch_size, f"sqlite:///{work}/floor.db",
-                          server_cpus).result()
+        floor_db = None if production else f"sqlite:///{work}/floor.db"  # production: PostgreSQL
+        got = pool.submit(floor, str(home), args.customers_sample, args.batch_size, floor_db, server_cpus).result()
     ids, fl = got["ids"], got["floor"]
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
 
     port = args.port or free_port()
-    env = {**os.environ, "ENGAGE_HOME": str(home), "ENGAGE_API_KEYS": key, "ENGAGE_RELOAD_INTERVAL_S": "0",
-           "ENGAGE_SERVING_DB_URL": f"sqlite:///{work}/serving.db"}
+    env = {**os.environ, "ENGAGE_HOME": str(home), "ENGAGE_API_KEYS": key, "ENGAGE_RELOAD_INTERVAL_S": "0"}
+    if not production:
+        env["ENGAGE_SERVING_DB_URL"] = f"sqlite:///{work}/serving.db"
     rng = np.random.default_rng(SEED)
     single = [http_request("POST", "/v1/recommendations", key, {"customer_id": c}) for c in ids]
     pick = lambda n: [single[j] for j in rng.integers(len(single), size=int(n))]  # noqa: E731
@@ -371,7 +389,9 @@ def main() -> None:
             ("  feature read alone", fl["read"], "online_read of every view, as the service reads"),
             ("  the three models alone", fl["models"], "on prebuilt input matrices"),
             ("  Feast SDK get_online_features", fl["feast_sdk"],
-             f"{len(got['models'])} services, {fl['feast_sdk']['calls']} calls")]
+             f"{len(got['models'])} services, {fl['feast_sdk']['calls']} calls"),
+            *((("  Redis GET round trip", fl["redis_get"], "redis-py, the reader's client: the network floor"),)
+              if "redis_get" in fl else ())]
     print(f"\nmodels: {got['models']}; customers drawn from {len(ids):,} (seed {SEED}); "
           f"load average after {machine['load_after'][0]:.2f}\n")
     line = "{:<48} {:>8} {:>8} {:>8} {:>7}   {}"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import Annotated
 
 import typer
 
+from engage import profile
+from engage.cli_support import fail
 from features.cli import features_app, ingest_command, rejects_command, simulate_command
 from serving.cli import feedback_app, serve_command
 from serving.score_cli import score_command
@@ -18,6 +22,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _profile(
+    profile_name: Annotated[
+        str | None,
+        typer.Option("--profile", envvar="ENGAGE_PROFILE", show_default=False,
+                     help="embedded (default: SQLite and files under ENGAGE_HOME) or production (Redis and "
+                          "PostgreSQL from ENGAGE_REDIS_URL and ENGAGE_POSTGRES_URL)."),
+    ] = None,
+) -> None:
+    """Engage: next-best-action engine (features, training, scoring)."""
+    if profile_name:
+        os.environ["ENGAGE_PROFILE"] = profile_name  # every module (and `serve`'s workers) reads the environment
+    try:
+        if profile.is_production():
+            profile.production_settings()
+    except profile.ProfileError as exc:
+        fail(str(exc))
+
+
 app.command("simulate", help="Simulate a customer base with ground truth into contract files.")(simulate_command)
 app.command("ingest", help="Load contract files (customers, events, offers, exposures) into ENGAGE_HOME.")(
     ingest_command

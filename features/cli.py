@@ -112,6 +112,15 @@ def apply_command(home: HomeOption = None) -> None:
     console.print(f"applied {len(names)} Feast objects: {', '.join(names)}")
 
 
+@features_app.command("render")
+def render_command(home: HomeOption = None) -> None:
+    """Print the feature_store.yaml of the active profile (for the plain `feast` CLI: save it in a folder)."""
+    from engage.settings import resolve_home
+    from features import store as fstore
+
+    console.print(fstore.render_feature_store_yaml(resolve_home(home)), highlight=False, markup=False)
+
+
 @features_app.command("materialize")
 def materialize_command(home: HomeOption = None) -> None:
     """Load the latest snapshot of every customer into the online store."""

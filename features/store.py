@@ -15,22 +15,43 @@ import yaml
 from feast import FeatureStore
 from feast.repo_config import RepoConfig
 
+from engage import profile
 from engage.settings import FEATURE_REPO_DIR
 from feature_repo.definitions import definitions
 from features.snapshots import ENTITY, TIMESTAMP_FIELD, snapshot_file, snapshot_times_on_disk
 
 log = logging.getLogger(__name__)
 FEATURE_STORE_YAML = FEATURE_REPO_DIR / "feature_store.yaml"
+PRODUCTION_FEATURE_STORE_YAML = FEATURE_REPO_DIR / "feature_store.production.yaml"
 
 
 class FeatureStoreError(RuntimeError):
     """The feature store is not in a state to answer (not applied, nothing materialized, ...)."""
 
 
-def repo_config(home: Path, yaml_file: Path = FEATURE_STORE_YAML) -> RepoConfig:
-    """``feature_store.yaml`` with ``${ENGAGE_HOME}`` set to ``home`` (other ``${VARS}`` from the environment)."""
-    text = string.Template(yaml_file.read_text()).safe_substitute(ENGAGE_HOME=str(home))
-    raw = yaml.safe_load(os.path.expandvars(text))
+def render_feature_store_yaml(home: Path, yaml_file: Path | None = None) -> str:
+    """``feature_store.yaml`` of the active profile, with Engage's ``${VARS}`` filled in.
+
+    ``${ENGAGE_HOME}`` is ``home``; under the production profile ``${ENGAGE_FEAST_REGISTRY_URL}`` and
+    ``${ENGAGE_FEAST_REDIS}`` come from ``ENGAGE_POSTGRES_URL`` and ``ENGAGE_REDIS_URL``; other ``${VARS}``
+    from the environment.
+    """
+    values = {"ENGAGE_HOME": str(home)}
+    if yaml_file is None:
+        if profile.is_production():
+            prod = profile.production_settings()
+            values.update(ENGAGE_FEAST_REGISTRY_URL=prod.postgres_url,
+                          ENGAGE_FEAST_REDIS=prod.redis_connection_string)
+            yaml_file = PRODUCTION_FEATURE_STORE_YAML
+        else:
+            yaml_file = FEATURE_STORE_YAML
+    text = string.Template(yaml_file.read_text()).safe_substitute(values)
+    return os.path.expandvars(text)
+
+
+def repo_config(home: Path, yaml_file: Path | None = None) -> RepoConfig:
+    """The Feast config of the active profile (see :func:`render_feature_store_yaml`)."""
+    raw = yaml.safe_load(render_feature_store_yaml(home, yaml_file))
     config = RepoConfig(**raw)
     config.repo_path = FEATURE_REPO_DIR
     return config
@@ -97,3 +118,27 @@ def historical_features(store: FeatureStore, service: str, entity_df: pd.DataFra
         raise ValueError(f"entity_df needs columns {sorted(missing)}")
     fs = store.get_feature_service(service)
     return store.get_historical_features(entity_df=entity_df, features=fs).to_df()
+
+
+def fast_failing_online_store(config: RepoConfig):
+    """The online store of ``config`` for the scoring path: a Redis store gets a client that gives up at once.
+
+    redis-py retries a failed command with exponential back-off by default, which would hold a request for
+    seconds while Redis is down; the service must answer (degraded) instead. No retry, the socket timeouts
+    of the connection string (``engage.profile``), and a fresh connection after Redis comes back: the pool
+    drops a broken connection and the next read opens a new one, so recovery needs no restart.
+    """
+    from feast.infra.online_stores.helpers import get_online_store_from_config
+
+    online_store = get_online_store_from_config(config.online_store)
+    if getattr(config.online_store, "type", "") == "redis" and config.online_store.redis_type == "redis":
+        from redis import Redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        nodes, params = online_store._parse_connection_string(config.online_store.connection_string)
+        params.setdefault("socket_timeout", profile.REDIS_SOCKET_TIMEOUT_S)
+        params.setdefault("socket_connect_timeout", profile.REDIS_SOCKET_TIMEOUT_S)
+        online_store._client = Redis(host=nodes[0]["host"], port=int(nodes[0]["port"]), retry=Retry(NoBackoff(), 0),
+                                     **params)
+    return online_store

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from feast import FeatureStore
-from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
 
 from features.snapshots import ENTITY
+from features.store import fast_failing_online_store
 
 log = logging.getLogger(__name__)
 _SCALARS = frozenset({"int32_val", "int64_val", "double_val", "float_val", "bool_val", "string_val"})
@@ -64,7 +64,7 @@ class OnlineReader:
 
     def __init__(self, store: FeatureStore, services: Iterable[str], extra: Mapping[str, Iterable[str]] | None = None):
         self.config = store.config
-        self.online_store = get_online_store_from_config(store.config.online_store)
+        self.online_store = fast_failing_online_store(store.config)
         wanted: dict[str, set[str]] = {}
         for service in services:
             for projection in store.get_feature_service(service).feature_view_projections:

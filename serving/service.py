@@ -9,6 +9,7 @@ log (buffered, never blocking the answer) and return it.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,13 +20,13 @@ from mlflow.tracking import MlflowClient
 from features.store import open_store
 from serving.decide import decide
 from serving.decision_log import DecisionLog, decision_record
-from serving.feedback import Feedback, FeedbackStore, RecordResult
+from serving.feedback import Feedback, FeedbackStore, RecordResult, StoreUnavailable
 from serving.metrics import Metrics
 from serving.models import ModelManager, ModelSet
 from serving.online import OnlineStoreUnavailable
 from serving.policy import Policy, load_policy
 from serving.schemas import FeedbackIn, Recommendation, RecommendationRequest
-from serving.servingdb import create_serving_engine
+from serving.servingdb import create_serving_engine, create_tables
 from serving.settings import ServingSettings
 from serving.types import Decision
 from training.registry import tracking_uri
@@ -39,8 +40,24 @@ class NotReady(RuntimeError):
 
 def registry_client() -> MlflowClient:
     uri = tracking_uri()
+    _check_reachable(uri)
     mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global registry
     return MlflowClient(tracking_uri=uri)
+
+
+def _check_reachable(uri: str, timeout_s: int = 3) -> None:
+    """Fail fast when a PostgreSQL registry is down: MLflow itself retries opening its store for ~100 s, which
+    would hold the service's start and every registry check."""
+    if not uri.startswith("postgresql"):
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    conninfo = make_url(uri).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        psycopg.connect(conninfo, connect_timeout=timeout_s).close()
+    except psycopg.Error as exc:
+        raise ConnectionError(f"the MLflow registry database is unreachable: {str(exc).splitlines()[0]}") from exc
 
 
 def to_response(d: Decision, request_id: str, exposure_id: str | None) -> Recommendation:
@@ -60,15 +77,22 @@ class EngageService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.policy: Policy = load_policy(settings.policy_path)
+        # Nothing here needs a database to answer: Feast opens its registry on first use, the serving tables
+        # are created once the database answers (start, every registry check, or the first feedback), so a
+        # service whose PostgreSQL is down starts not-ready and becomes ready when it appears.
         self.store = open_store(settings.home)
         self.models = ModelManager(self.store, registry_client, self._on_reload)
-        self.engine = create_serving_engine(settings.serving_db_url, home=settings.home)
+        self.engine = create_serving_engine(settings.serving_db_url, home=settings.home, create=False)
+        self._db_ready = False
+        self._db_error: str | None = None
+        self._db_lock = threading.Lock()
         self.decisions = DecisionLog(self.engine, flush_interval_s=settings.decision_flush_s)
         self.feedback = FeedbackStore(self.engine, self.decisions)
         self.metrics.on_collect(self._collect)
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        self.ensure_db()
         self.decisions.start()
         self.models.reload()
         self.models.watch(self.settings.reload_interval_s)
@@ -77,14 +101,31 @@ class EngageService:
         self.models.stop()
         self.decisions.close()
 
+    def ensure_db(self) -> bool:
+        """Create the serving tables if that has not been done yet; False while the database is unreachable."""
+        if self._db_ready:
+            return True
+        with self._db_lock:
+            if not self._db_ready:
+                try:
+                    create_tables(self.engine)
+                    self._db_ready, self._db_error = True, None
+                except Exception as exc:  # noqa: BLE001 - unreachable, refused, auth: all mean "not yet"
+                    self._db_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    log.warning("serving database not available: %s", self._db_error)
+        return self._db_ready
+
     def ready(self) -> tuple[bool, str]:
         current = self.models.current
         if not current.models:
             why = self.models.last_error or "no champion model in the registry: run `engage train all`"
             return False, f"no models loaded ({why})"
+        if not self.ensure_db():
+            return False, f"serving database unavailable ({self._db_error})"
         return True, "ok"
 
     def _on_reload(self, changed: bool, error: str | None) -> None:
+        self.ensure_db()  # the registry check doubles as the retry of a database that was down at start
         self.metrics.reloads.labels("failed" if error else ("changed" if changed else "unchanged")).inc()
         for name, version in self.models.current.versions.items():
             self.metrics.model_version.labels(name).set(float(version))
@@ -140,6 +181,8 @@ class EngageService:
             return {}
 
     def record_feedback(self, fb: FeedbackIn) -> RecordResult:
+        if not self.ensure_db():
+            raise StoreUnavailable(f"the serving database is unavailable: {self._db_error}")
         return self.feedback.record(Feedback(
             exposure_id=fb.exposure_id, customer_id=fb.customer_id, sent=fb.sent, sent_at=fb.sent_at,
             opened=fb.opened, opened_at=fb.opened_at, clicked=fb.clicked, converted=fb.converted,

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from engage import profile
 from engage.settings import resolve_home
 
 SERVING_DB_FILE = Path("serving") / "serving.db"
@@ -98,13 +99,15 @@ feedback = sa.Table(
 
 
 def serving_db_url(home: Path) -> str:
-    """``ENGAGE_SERVING_DB_URL`` if set, else the SQLite file under ``home``."""
-    url = os.environ.get("ENGAGE_SERVING_DB_URL", "").strip()
+    """``ENGAGE_SERVING_DB_URL`` if set, else ``ENGAGE_POSTGRES_URL`` under the production profile, else the
+    SQLite file under ``home``."""
+    url = os.environ.get("ENGAGE_SERVING_DB_URL", "").strip() or profile.default_serving_db_url()
     return url or f"sqlite:///{(Path(home) / SERVING_DB_FILE).resolve()}"
 
 
-def create_serving_engine(url: str | None = None, *, home: Path | None = None) -> Engine:
-    """An engine for ``url`` (default: :func:`serving_db_url` of ``resolve_home(home)``), tables created."""
+def create_serving_engine(url: str | None = None, *, home: Path | None = None, create: bool = True) -> Engine:
+    """An engine for ``url`` (default: :func:`serving_db_url` of ``resolve_home(home)``), tables created
+    unless ``create`` is false (the service creates them once the database answers: :func:`create_tables`)."""
     if url is None:
         url = serving_db_url(resolve_home(home))
     parsed = make_url(url)
@@ -118,11 +121,22 @@ def create_serving_engine(url: str | None = None, *, home: Path | None = None) -
         else:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
             kwargs.update(connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": 5}  # an unreachable server fails a write, not hangs it
     engine = sa.create_engine(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite", **kwargs)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
-    metadata.create_all(engine)
+    if create:
+        create_tables(engine)
     return engine
+
+
+def create_tables(engine: Engine) -> None:
+    """Create the serving tables if missing (several processes may race: a lost race is not an error)."""
+    try:
+        metadata.create_all(engine)
+    except (sa.exc.IntegrityError, sa.exc.ProgrammingError):  # PostgreSQL: another process created it first
+        metadata.create_all(engine)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

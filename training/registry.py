@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from engage import profile
 from engage.settings import REPO_ROOT
 from training.base import TrainContext, TrainingError, TrainResult
 
@@ -44,7 +45,14 @@ class Registration:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI``; else ``ENGAGE_POSTGRES_URL`` under the production profile, else SQLite in mlruns/.
+
+    A ``postgresql://`` URI is given the psycopg (3) driver, the one Engage ships.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or profile.default_tracking_uri() or f"sqlite:///{MLRUNS / 'mlflow.db'}"
+    if uri.startswith(("postgresql://", "postgres://")):
+        uri = profile.psycopg_url(uri)
+    return uri
 
 
 def artifact_root() -> str:

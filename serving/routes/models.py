@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import os
+
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
 from serving.deps import ServiceDep
@@ -12,8 +14,10 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelsResponse)
-async def models(service: ServiceDep) -> ModelsResponse:
-    """The loaded champion models: name, version, alias, trained-at and feature service."""
+async def models(service: ServiceDep, response: Response) -> ModelsResponse:
+    """The loaded champion models: name, version, alias, trained-at and feature service (header
+    ``X-Engage-Worker``: the process that answered, as ``engage serve --workers N`` runs several)."""
+    response.headers["X-Engage-Worker"] = str(os.getpid())
     current = service.models.current
     return ModelsResponse(models=[ModelOut(**m.describe()) for m in current.models.values()],
                           last_check=service.models.last_check, last_error=service.models.last_error)
