@@ -10,6 +10,7 @@ started by the test on another port. Without the servers these tests skip (which
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shutil
 import signal
@@ -505,3 +506,25 @@ def test_two_workers_writing_the_same_feedback_store_it_once(world):
                                      "GROUP BY exposure_id"), {"x": exposures}).fetchall()
     engine.dispose()
     assert sorted(x for x, _ in counts) == sorted(exposures) and {n for _, n in counts} == {1}
+
+
+def test_a_warning_names_redis_listpack_hashes_that_make_every_read_slow(tmp_path, caplog):
+    import redis
+    from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig
+
+    from serving.online import _warn_about_listpack_hashes
+
+    own = OwnRedis(tmp_path)
+    own.start()
+    try:
+        client = redis.Redis(port=own.port)
+        config = SimpleNamespace(online_store=RedisOnlineStoreConfig(connection_string=f"127.0.0.1:{own.port}"))
+        for limit, warned in ((512, True), (128, False)):
+            client.config_set("hash-max-listpack-entries", limit)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="serving.online"):
+                _warn_about_listpack_hashes(RedisOnlineStore(), config, 390)
+            assert ("hash-max-listpack-entries is 512" in caplog.text) is warned, caplog.text
+        client.close()
+    finally:
+        own.stop()
