@@ -23,6 +23,9 @@
    allowed hour x channel weight (channels with a curve before channels without one).
 6. ``send_at``: now if the local hour is the chosen one, else the next HH:00 local, in UTC (a nonexistent
    local time moves forward, an ambiguous one takes the first).
+7. Holdout: a member of the policy's control group (salted hash of the customer id) gets ``none``, reason
+   ``holdout``, keeping the scores and the action steps 1-6 chose in ``intended_action``. A customer on the
+   suppression list (``suppressed=True``) gets ``none``, reason ``suppressed``, before any step.
 Every rule that removes something adds a :class:`~serving.types.Suppression`; ``expected_value_at_risk`` is
 churn probability x expected value. ``now`` must be timezone-aware. No pandas: about 50 us per call.
 """
@@ -184,13 +187,49 @@ def _send_at(now: datetime, zone: tzinfo, hour: int) -> datetime:
 
 
 def decide(scores: CustomerScores, policy: Policy, now: datetime, *, channels: Sequence[str] | None = None,
-           max_offers: int = 3, recent_contacts: Sequence[datetime] = (), request_id: str = "") -> Decision:
-    """Decide what to do for one customer at ``now`` (timezone-aware); see the module docstring."""
+           max_offers: int = 3, recent_contacts: Sequence[datetime] = (), request_id: str = "",
+           suppressed: bool = False) -> Decision:
+    """Decide what to do for one customer at ``now`` (timezone-aware); see the module docstring.
+
+    ``suppressed`` (the customer asked to be forgotten): ``none``, reason ``suppressed``, nothing scored shown.
+    A member of the policy's holdout group gets ``none``, reason ``holdout``, with ``holdout`` set and the
+    action the policy would have taken in ``intended_action`` (``none`` too when a rule stopped it).
+    """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
     if max_offers < 0:
         raise ValueError("max_offers must be >= 0")
     now = now.astimezone(UTC)
+    if suppressed:
+        return _suppressed(scores)
+    decision = _decide(scores, policy, now, channels, max_offers, recent_contacts, request_id)
+    if policy.holdout.contains(scores.customer_id):
+        _hold_out(decision, policy)
+    return decision
+
+
+def _suppressed(scores: CustomerScores) -> Decision:
+    return Decision(
+        customer_id=scores.customer_id, action="none", reason="suppressed", churn_probability=None,
+        risk_tier="unknown", segment=scores.segment, reasons=[], offers=[], chosen_offer=None, channel=None,
+        send_at=None, send_at_local=None, expected_open_rate=None, propensity=1.0, channels=[],
+        suppressions=[Suppression("suppressed", "action", "the customer is on the suppression list")],
+        cold_start=scores.cold_start, degraded=scores.degraded, feature_timestamp=None, model_versions={},
+    )
+
+
+def _hold_out(decision: Decision, policy: Policy) -> None:
+    """Turn a decision into its control-group form, keeping what would have been done."""
+    decision.holdout, decision.intended_action = True, decision.action
+    decision.action, decision.reason = "none", "holdout"
+    decision.chosen_offer = decision.channel = decision.send_at = decision.send_at_local = None
+    decision.expected_open_rate, decision.propensity = None, 1.0
+    decision.suppressions.append(Suppression(
+        "holdout", "action", f"in the control group ({policy.holdout.share:.0%} of customers by a salted hash)"))
+
+
+def _decide(scores: CustomerScores, policy: Policy, now: datetime, channels: Sequence[str] | None,
+            max_offers: int, recent_contacts: Sequence[datetime], request_id: str) -> Decision:
     p_churn = scores.churn_probability
     tier = policy.risk_tiers.tier(p_churn)
     sup: list[Suppression] = []

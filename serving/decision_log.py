@@ -63,7 +63,7 @@ def decision_record(
     payload = {
         k: _json_safe(getattr(decision, k))
         for k in ("churn_probability", "risk_tier", "segment", "reasons", "offers", "channels", "suppressions",
-                  "send_at_local", "expected_open_rate", "expected_value_at_risk")
+                  "send_at_local", "expected_open_rate", "expected_value_at_risk", "intended_action")
     }  # fmt: skip
     return {
         "decision_id": uuid.uuid4().hex,
@@ -80,6 +80,7 @@ def decision_record(
         "propensity": _json_safe(decision.propensity),
         "cold_start": bool(decision.cold_start),
         "degraded": bool(decision.degraded),
+        "holdout": bool(decision.holdout),
         "feature_timestamp": _json_safe(decision.feature_timestamp),
         "model_versions": _json_safe(dict(decision.model_versions)),
         "payload": payload,

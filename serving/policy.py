@@ -6,6 +6,7 @@ YAML, expanded with environment variables, validated by pydantic (unknown keys a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from functools import cached_property
@@ -208,6 +209,21 @@ class Exploration(_Strict):
     top_k: int = Field(3, ge=1, description="Explore among this many best positive-priority offers.")
 
 
+class Holdout(_Strict):
+    """The control group: customers who get ``action: none`` (reason ``holdout``) so results can be measured."""
+
+    share: float = Field(0.05, ge=0, le=0.5, description="Share of customers in the control group, 0 to 0.5.")
+    salt: str = Field("engage-holdout-v1", min_length=1,
+                      description="Changing it draws a new control group; keep it for the life of an experiment.")
+
+    def contains(self, customer_id: str) -> bool:
+        """Whether ``customer_id`` is in the control group: a salted hash, stable across runs and processes."""
+        if self.share <= 0:
+            return False
+        digest = hashlib.blake2b(f"{self.salt}\x1f{customer_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < self.share
+
+
 class Policy(_Strict):
     """Every rule the decision applies; see ``serving/default_policy.yaml``."""
 
@@ -230,6 +246,7 @@ class Policy(_Strict):
     offer_defaults: OfferRule = Field(OfferRule(), description="Settings of an offer not listed in `offers`.")
     offers: dict[str, OfferRule] = Field(default_factory=dict, description="Settings per offer id.")
     exploration: Exploration = Exploration()
+    holdout: Holdout = Holdout()
 
     @model_validator(mode="after")
     def _default_hour_is_open(self) -> Policy:

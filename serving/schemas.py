@@ -90,6 +90,8 @@ class Recommendation(BaseModel):
     segment: str
     reason_codes: list[str] = Field(description="features pushing churn risk up the most")
     expected_value_at_risk: float | None
+    holdout: bool = Field(False, description="in the control group: action none, reason holdout")
+    intended_action: str | None = Field(None, description="for the control group: the action it would have got")
     offers: list[OfferOut]
     chosen_offer: str | None
     channel: str | None

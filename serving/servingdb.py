@@ -71,6 +71,7 @@ decisions = sa.Table(
     sa.Column("propensity", sa.Float),
     sa.Column("cold_start", sa.Boolean, nullable=False, default=False),
     sa.Column("degraded", sa.Boolean, nullable=False, default=False),
+    sa.Column("holdout", sa.Boolean, nullable=True, default=False),  # in the control group (added in v0.2)
     sa.Column("feature_timestamp", UTCDateTime()),
     sa.Column("model_versions", sa.JSON),
     sa.Column("payload", sa.JSON),  # candidate offers and channels with scores, suppressions, churn facts
@@ -132,11 +133,29 @@ def create_serving_engine(url: str | None = None, *, home: Path | None = None, c
 
 
 def create_tables(engine: Engine) -> None:
-    """Create the serving tables if missing (several processes may race: a lost race is not an error)."""
+    """Create the serving tables if missing (several processes may race: a lost race is not an error), and
+    add the nullable columns a table made by an earlier version lacks."""
     try:
         metadata.create_all(engine)
     except (sa.exc.IntegrityError, sa.exc.ProgrammingError):  # PostgreSQL: another process created it first
         metadata.create_all(engine)
+    _add_missing_columns(engine)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have or not column.nullable:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as con:
+                    con.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # another process added it first
+                if column.name not in {c["name"] for c in sa.inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

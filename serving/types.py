@@ -110,3 +110,5 @@ class Decision:
     feature_timestamp: datetime | None
     model_versions: dict[str, str]
     expected_value_at_risk: float | None = None  # churn probability x expected value over the horizon
+    holdout: bool = False  # in the control group (action none, reason holdout)
+    intended_action: str | None = None  # for the control group: the action the policy would have taken

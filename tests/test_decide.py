@@ -365,3 +365,47 @@ def test_action_mapping_is_configurable():
     mapped = policy(actions={"by_tier": {"low": "retain"}, "by_tier_segment": {}})
     assert decide(customer(churn_probability=0.05), mapped, NOW).action == "retain"
     assert decide(customer(churn_probability=0.9, segment="dormant"), mapped, NOW).action == "retain"  # default high
+
+
+# --- holdout and suppression ---------------------------------------------------------------------------
+
+
+def test_holdout_is_a_stable_salted_share_of_customers():
+    ids = [f"C{i:05d}" for i in range(20_000)]
+    tenth = policy(holdout={"share": 0.1})
+    members = {c for c in ids if tenth.holdout.contains(c)}
+    assert 0.09 < len(members) / len(ids) < 0.11
+    assert members == {c for c in ids if policy(holdout={"share": 0.1}).holdout.contains(c)}  # a new process agrees
+    resalted = {c for c in ids if policy(holdout={"share": 0.1, "salt": "spring-test"}).holdout.contains(c)}
+    assert 0.09 < len(resalted) / len(ids) < 0.11 and len(resalted & members) < len(members) / 2
+    assert members <= {c for c in ids if policy(holdout={"share": 0.2}).holdout.contains(c)}  # growing keeps them
+    assert not any(policy(holdout={"share": 0}).holdout.contains(c) for c in ids)
+
+
+def test_holdout_member_gets_none_with_the_action_it_would_have_had():
+    ids = [f"C{i}" for i in range(200)]
+    half = policy(holdout={"share": 0.5})
+    held = next(c for c in ids if half.holdout.contains(c))
+    treated = next(c for c in ids if not half.holdout.contains(c))
+    without = decide(customer(customer_id=held), policy(holdout={"share": 0}), NOW)
+    assert without.action == "upsell" and without.chosen_offer == "A"  # what the control group member misses
+    d = decide(customer(customer_id=held), half, NOW)
+    assert (d.action, d.reason, d.holdout, d.intended_action) == ("none", "holdout", True, without.action)
+    assert d.chosen_offer is None and d.channel is None and d.send_at is None and d.propensity == 1.0
+    assert [o.offer_id for o in d.offers] == [o.offer_id for o in without.offers]  # scores kept for the report
+    assert "holdout" in rules(d)
+    other = decide(customer(customer_id=treated), half, NOW)
+    assert other.action == "upsell" and not other.holdout and other.intended_action is None
+
+
+def test_holdout_member_that_a_rule_stops_records_none_as_intended():
+    half = policy(holdout={"share": 0.5})
+    held = next(c for c in (f"C{i}" for i in range(200)) if half.holdout.contains(c))
+    d = decide(customer(customer_id=held, consent={"email": False}), half, NOW, channels=["email"])
+    assert (d.reason, d.intended_action) == ("holdout", "none") and "consent" in rules(d)
+
+
+def test_suppressed_customer_gets_none_and_no_scores():
+    d = decide(customer(churn_probability=0.9), POLICY, NOW, suppressed=True)
+    assert (d.action, d.reason) == ("none", "suppressed")
+    assert d.offers == [] and d.channels == [] and d.churn_probability is None and d.reasons == []

@@ -70,6 +70,10 @@ def test_resolution_env_then_home_then_packaged(tmp_path, monkeypatch):
         ("offers:\n  OFF10: {lever: -1}\n", "offers.OFF10.lever", "greater than or equal"),
         ("offers:\n  OFF10: {segments: [loyal]}\n", "offers.OFF10.segments", "loyal"),
         ("actions:\n  by_tier: {low: discount}\n", "actions.by_tier.low", "winback"),
+        ("holdout:\n  share: 0.6\n", "holdout.share", "less than or equal"),
+        ("holdout:\n  share: -0.1\n", "holdout.share", "greater than or equal"),
+        ("holdout:\n  share: half\n", "holdout.share", "valid number"),
+        ("holdout:\n  salt: ''\n", "holdout.salt", "at least 1 character"),
     ],
 )
 def test_bad_policy_names_the_file_and_the_field(tmp_path, text, field, match):
