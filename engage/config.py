@@ -64,11 +64,42 @@ class TrainingConfig(_Strict):
     seed: int = Field(7, description="Seed for every random choice in training.")
 
 
+class MonitorConfig(_Strict):
+    """When `engage monitor` raises an alert (population stability index: PSI)."""
+
+    psi_alert: float = Field(0.2, gt=0, description="A feature's or score's PSI above this is an alert.")
+    psi_warn: float = Field(0.1, gt=0, description="A PSI above this (and not above psi_alert) is a warning.")
+    missing_jump: float = Field(
+        0.1, gt=0, le=1, description="A feature's missing share moving by more than this is an alert."
+    )
+    churn_rate_jump_points: float = Field(
+        5.0, gt=0, le=100, description="Daily mean churn score this many points away from the reference ..."
+    )
+    consecutive_days: int = Field(3, ge=1, le=60, description="... on this many consecutive days is an alert.")
+    churn_rate_days: int = Field(7, ge=1, le=90, description="Daily churn-score means shown (the last N days).")
+    calibration_gap: float = Field(
+        0.05, gt=0, le=1, description="Predicted mean churn vs the observed rate, once the horizon has passed."
+    )
+    ignore_features: tuple[str, ...] = Field(
+        ("tenure_days", "history_days", "days_since_first_purchase", "utc_offset_hours"),
+        description="Features reported but never alerted on: ones that move with the calendar by construction.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MonitorConfig:
+        if self.psi_warn > self.psi_alert:
+            raise ValueError("psi_warn must not be above psi_alert")
+        if self.consecutive_days > self.churn_rate_days:
+            raise ValueError("consecutive_days must not be above churn_rate_days")
+        return self
+
+
 class EngageConfig(_Strict):
     """All of Engage's tunable settings."""
 
     features: FeatureConfig = FeatureConfig()
     training: TrainingConfig = TrainingConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ by a forward recursion in a few vector operations per day rather than by samplin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -169,6 +169,25 @@ def build_calendar(start: pd.Timestamp, n_days: int) -> Calendar:
         for k in range(len(TIMEZONES))])
     return Calendar(start_us, base_us, n_days, purchase, session, conversion, day_offset,
                     tz_keys, tz_offsets)
+
+
+SHIFT_KINDS = ("purchases", "engagement")
+
+
+def shift_calendar(cal: Calendar, from_day: int, kind: str, factor: float = 0.5) -> Calendar:
+    """The calendar with a behaviour change for everyone from ``from_day`` on: a drift to detect.
+
+    ``purchases`` scales organic purchase rates by ``factor``; ``engagement`` scales sessions (and the page
+    views they bring), organic purchases and message conversions. Only the per-day multipliers change, so
+    the ground truth, which reads the same calendar, stays exact.
+    """
+    if kind not in SHIFT_KINDS:
+        raise ValueError(f"shift {kind!r} is not one of {', '.join(SHIFT_KINDS)}")
+    scale = np.where(np.arange(cal.n_days) >= from_day, factor, 1.0)
+    changed = {"purchase": cal.purchase * scale}
+    if kind == "engagement":
+        changed |= {"session": cal.session * scale, "conversion": cal.conversion * scale}
+    return replace(cal, **changed)
 
 
 def _lookup_offset(keys: np.ndarray, offsets: np.ndarray, base_us: int, tz: np.ndarray,

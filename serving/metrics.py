@@ -9,9 +9,13 @@ metric name (two app instances in one test process count together; tests compare
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -47,11 +51,48 @@ class Metrics:
                                           registry=r, multiprocess_mode="livesum")
         self.decision_log_errors = Gauge("engage_decision_log_flush_errors", "failed decision log flushes",
                                          registry=r, multiprocess_mode="livesum")
+        self.drift_psi = Gauge("engage_drift_psi", "PSI against the champion's training data, per feature and score "
+                               "(latest engage monitor run)", ["model", "feature"], registry=r,
+                               multiprocess_mode="livemax")
+        self.drift_max_psi = Gauge("engage_drift_max_psi", "largest feature PSI per model (latest engage monitor run)",
+                                   ["model"], registry=r, multiprocess_mode="livemax")
+        self.drift_alerts = Gauge("engage_drift_alerts", "alerts of the latest engage monitor run", ["model"],
+                                  registry=r, multiprocess_mode="livemax")
+        self.drift_run = Gauge("engage_drift_monitor_timestamp_seconds", "when the latest engage monitor run ran",
+                               registry=r, multiprocess_mode="livemax")
+        self._drift_seen: float | None = None
         self._collect_hooks: list[Callable[[], None]] = []
 
     def on_collect(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` before each scrape (to copy live figures into gauges)."""
         self._collect_hooks.append(hook)
+
+    def export_drift(self, home: Path) -> bool:
+        """Copy the latest `engage monitor` results (``<home>/monitor/latest.json``) into the drift gauges.
+
+        Re-read only when the file changed; False when there is none or it cannot be read (gauges unchanged).
+        """
+        path = Path(home) / "monitor" / "latest.json"
+        try:
+            stamp = path.stat().st_mtime
+            if stamp == self._drift_seen:
+                return True
+            report = json.loads(path.read_text())
+            models = report["models"]
+            run_at = datetime.fromisoformat(report["run_at"]).timestamp()
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        fired = [a["model"] for a in report.get("alerts", []) if a.get("level") == "alert"]
+        for m in models:
+            for row in [*m.get("features", []), *m.get("scores", [])]:
+                value = row.get("psi")
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.drift_psi.labels(m["name"], row.get("feature") or row.get("score")).set(value)
+            self.drift_max_psi.labels(m["name"]).set(float(m.get("max_feature_psi") or 0.0))
+            self.drift_alerts.labels(m["name"]).set(float(fired.count(m["name"])))
+        self.drift_run.set(run_at)
+        self._drift_seen = stamp
+        return True
 
     def render(self) -> bytes:
         for hook in self._collect_hooks:

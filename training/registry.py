@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from engage import profile
 from engage.settings import REPO_ROOT
 from training.base import TrainContext, TrainingError, TrainResult
+from training.drift import log_reference
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -130,6 +131,7 @@ def log_and_register(result: TrainResult, ctx: TrainContext, experiment: str = D
                 mlflow.log_artifact(str(plot), artifact_path="plots")
             for name, table in result.tables.items():
                 mlflow.log_table(table, artifact_file=f"tables/{name}.json")
+            log_reference(result, ctx)  # the training data's profile, for `engage monitor`
             # Counts are integers in Feast but missing for a customer the online store lacks: record them
             # as doubles, or MLflow's schema enforcement would refuse exactly the rows serving must score.
             example = result.input_example.copy()
