@@ -42,6 +42,20 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+# After `make demo`: a list scored with a 50% control group, two days of responses simulated from the demo
+# world's ground truth, loaded, and the outcome report (HTML under $(ENGAGE_HOME)/reports/, MLflow engage-report).
+REPORT_DIR := $(ENGAGE_HOME)/report-demo
+# Its own decision log and feedback, so the demo's other lists do not mix in.
+REPORT_DB := ENGAGE_SERVING_DB_URL=sqlite:///$(REPORT_DIR)/serving.db
+.PHONY: report-demo
+report-demo: install
+	@test -f $(SIM_DIR)/ground_truth.parquet || { echo "run make demo first (no simulated world in $(SIM_DIR))"; exit 1; }
+	@mkdir -p $(REPORT_DIR) && printf 'holdout:\n  share: 0.5\n' > $(REPORT_DIR)/policy.yaml
+	ENGAGE_POLICY=$(REPORT_DIR)/policy.yaml $(REPORT_DB) $(ENGAGE) score --overwrite --out $(REPORT_DIR)/list.parquet
+	$(REPORT_DB) $(ENGAGE) simulate-respond --list $(REPORT_DIR)/list.parquet --truth $(SIM_DIR) --days 2 --overwrite
+	$(ENGAGE) ingest $(REPORT_DIR)/list.responses
+	$(REPORT_DB) $(ENGAGE) report --attribution-days 2 --out $(REPORT_DIR)/report.html
+
 lint: install
 	$(VENV)/bin/ruff check .
 

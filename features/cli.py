@@ -28,12 +28,20 @@ def simulate_command(
     start: Annotated[
         str | None, typer.Option("--start", help="First simulated day (ISO 8601, default 2025-01-01).")
     ] = None,
+    shift_at: Annotated[
+        str | None, typer.Option("--shift-at", help="Date from which everyone's behaviour changes (with --shift).")
+    ] = None,
+    shift: Annotated[
+        str | None, typer.Option("--shift", help="The change from --shift-at on: purchases (organic purchase rates "
+                                 "halve) or engagement (sessions, purchases and conversions halve).")
+    ] = None,
 ) -> None:
     """Simulate a customer base with latent traits; writes the four contract tables plus ground truth."""
     from features.simulate import DEFAULT_START, simulate
 
     try:
-        result = simulate(customers, days, seed, out, start=start or DEFAULT_START, fmt=fmt, progress=True)
+        result = simulate(customers, days, seed, out, start=start or DEFAULT_START, fmt=fmt, progress=True,
+                          shift_at=shift_at, shift=shift)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     console.print(
@@ -190,3 +198,56 @@ def rejects_command(
         [*params, limit],
     ).df()
     console.print(df.to_string(index=False, max_colwidth=80), highlight=False)
+
+
+def simulate_respond_command(
+    list_path: Annotated[Path, typer.Option("--list", help="A batch list written by `engage score` (.parquet/.csv).")],
+    truth: Annotated[Path, typer.Option("--truth", help="The simulated world the list was scored on: the folder "
+                                        "`engage simulate` wrote (or an ENGAGE_HOME holding its ground truth).")],
+    days: Annotated[int, typer.Option("--days", help="Days after the list's as-of time to simulate (>= 1).")] = 7,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same responses.")] = 0,
+    effect: Annotated[str, typer.Option("--effect", help="real: messages and offers work as the truth says; none: "
+                                        "they change nothing (no conversions from messages).")] = "real",
+    send_at_recommended: Annotated[float, typer.Option("--send-at-recommended", help="Share of messages sent at the "
+                                                       "recommended time (0-1); the rest go out at another daytime "
+                                                       "hour.")] = 0.8,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the contract files. Default: "
+                                             "<list>.responses beside the list.")] = None,
+    feedback: Annotated[bool, typer.Option("--feedback/--no-feedback", help="Post one feedback per message to the "
+                                           "serving database (ENGAGE_SERVING_DB_URL).")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Simulate what the customers of a batch list do over the next days, from the simulator's ground truth:
+    contract files for `engage ingest` and feedback for the decision log (see features/respond.py)."""
+    from features.respond import RespondError, respond
+    from serving.feedback import FeedbackError
+
+    try:
+        home_dir, _ = home_and_config(home)
+        engine = None
+        if feedback:
+            from serving.servingdb import create_serving_engine
+
+            engine = create_serving_engine(home=home_dir)
+        with console.status("simulating responses ..."):
+            result = respond(list_path, truth, out=out, days=days, seed=seed, effect=effect,
+                             send_at_recommended=send_at_recommended, engine=engine, overwrite=overwrite, post=False)
+        if engine is not None:
+            from features.respond import post_feedback
+
+            with progress_bar("posting feedback", len(result.responses.exposures)) as (bar, task):
+                result.feedback_posted = post_feedback(result.responses.exposures, engine,
+                                                       lambda n: bar.advance(task, n))
+    except (RespondError, FeedbackError, ConfigError, OSError) as exc:
+        fail(str(exc))
+    r = result.responses
+    x = r.exposures
+    console.print(f"{r.listed:,} listed customers, {r.treated:,} with a message, {r.holdout:,} in the control "
+                  f"group; {r.as_of:%Y-%m-%d %H:%M}Z to {r.end:%Y-%m-%d %H:%M}Z (effect {effect})")
+    console.print(f"messages sent {len(x):,}, opened {int(x['opened_at'].notna().sum()):,}, clicked "
+                  f"{int(x['clicked'].sum()):,}, converted {int(x['converted'].sum()):,} (revenue "
+                  f"{x['revenue'].sum():,.2f}); organic orders {r.organic_orders:,}")
+    if result.feedback_posted is not None:
+        console.print(f"posted {result.feedback_posted:,} feedback rows")
+    console.print(f"wrote {result.out_dir}: load it with `engage ingest {result.out_dir}`", highlight=False)

@@ -10,7 +10,8 @@ Ground truth columns: customer_id, truth_at, true_churn_prob (P(no purchase in
 (truth_at, truth_at + horizon]) given the latent state at truth_at; null for customers who
 sign up at or after truth_at), alive_at_truth, engagement_at_truth, response_type,
 price_sensitivity, true_aov, then per channel pref_hour_*, open_base_*, open_width_*,
-best_hour_*, then p_convert_none and p_convert_<offer_id> per offer of DEFAULT_OFFERS.
+best_hour_*, then p_convert_none and p_convert_<offer_id> per offer of DEFAULT_OFFERS, and last
+organic_purchase_rate (expected organic purchases per day in the week from truth_at).
 
 Hidden traits show in behaviour the way they do in real shops (added 2026-11-23; before, the traits
 behind the models' targets barely showed anywhere but in the targets themselves): customers who buy
@@ -99,7 +100,7 @@ class _World:
 
 def simulate(n_customers: int, days: int, seed: int, out_dir: Path, *, start: str = DEFAULT_START,
              fmt: str = "parquet", chunk_size: int = 50_000, horizon_days: int = 90,
-             progress: bool = True) -> SimulationResult:
+             progress: bool = True, shift_at: str | None = None, shift: str | None = None) -> SimulationResult:
     """Simulate ``n_customers`` over ``days`` days from ``start`` and write the tables.
 
     Args:
@@ -114,6 +115,9 @@ def simulate(n_customers: int, days: int, seed: int, out_dir: Path, *, start: st
             ``start + days - horizon_days - 1 day``, or the middle of the window when
             ``days <= horizon_days + 1`` (the true churn probability then covers days past it).
         progress: show a progress bar over chunks (on stderr).
+        shift_at, shift: from the day of ``shift_at`` on, everyone's behaviour changes: ``purchases`` halves
+            organic purchase rates, ``engagement`` halves sessions, purchases and message conversions (a
+            drift for `engage monitor` to catch; see ``_simworld.shift_calendar``). Default: no change.
     """
     t0 = time.perf_counter()
     start_ts = _check_args(n_customers, days, fmt, chunk_size, horizon_days, start)
@@ -124,6 +128,9 @@ def simulate(n_customers: int, days: int, seed: int, out_dir: Path, *, start: st
     truth_day = days - horizon_days - 1 if days > horizon_days + 1 else days // 2
     world = _World(w.build_calendar(start_ts, max(days, truth_day + horizon_days)), days,
                    truth_day, horizon_days)
+    if shift_at is not None or shift is not None:
+        world = _World(w.shift_calendar(world.cal, _shift_day(start_ts, days, shift_at, shift), str(shift)),
+                       days, truth_day, horizon_days)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-n_customers // chunk_size)
@@ -192,6 +199,24 @@ def true_conversion_prob(truth: pd.DataFrame, offer_id: str | None) -> np.ndarra
     if offer_id is not None and offer_id not in w.OFFER_IDS:
         raise ValueError(f"offer_id {offer_id!r} is not one of {', '.join(w.OFFER_IDS)}")
     return truth[f"p_convert_{offer_id or 'none'}"].to_numpy(float)
+
+
+def _shift_day(start: pd.Timestamp, days: int, shift_at: str | None, shift: str | None) -> int:
+    """The simulation day a shift starts on, checked: both options given, the kind known, inside the window."""
+    if shift_at is None or shift is None:
+        raise ValueError("a behaviour shift needs both shift_at (a date) and shift (its kind)")
+    if shift not in w.SHIFT_KINDS:
+        raise ValueError(f"shift {shift!r} is not one of {', '.join(w.SHIFT_KINDS)}")
+    try:
+        at = pd.Timestamp(shift_at)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"shift_at {shift_at!r} is not an ISO-8601 date, e.g. 2025-10-01") from exc
+    at = at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")
+    day = (at - start) // pd.Timedelta(days=1)
+    if not 0 < day < days:
+        raise ValueError(f"shift_at {shift_at} is outside the simulated window "
+                         f"({start:%Y-%m-%d} to {start + pd.Timedelta(days=days - 1):%Y-%m-%d}, first day excluded)")
+    return int(day)
 
 
 def _check_args(n_customers: int, days: int, fmt: str, chunk_size: int, horizon_days: int,
@@ -501,6 +526,10 @@ def _truth_table(tr: w.Traits, log: w.StateLog, world: _World, cid: np.ndarray) 
     convert = w.conversion_probs(tr.arm_mult, tr.conv_base, eng, cal.conversion[d], alive)
     for arm, offer_id in enumerate(("none",) + w.OFFER_IDS):
         cols[f"p_convert_{offer_id}"] = pa.array(convert[:, arm])
+    # Expected organic purchases per day in the week from truth_at (0 when not alive then): the baseline
+    # `engage simulate-respond` draws everybody's purchases from, messages or not.
+    week = float(cal.purchase[d:d + 7].mean())
+    cols["organic_purchase_rate"] = pa.array(tr.purchase_rate * w.purchase_intensity(eng, week) * alive)
     return pa.table(cols)
 
 

@@ -18,12 +18,30 @@ Steps (the local engine; ``serving/spark_batch.py`` runs the same chunk step on 
    functions the scoring API calls, so a customer gets the same tier, offer, channel and send time from
    either. Filters that are per customer run here: ``segments`` before scoring, ``min_churn`` before
    deciding, ``channel`` as the only candidate channel (and only customers reachable on it are kept).
+   Every row with an action gets an ``exposure_id``: a hash of the as-of time, the customer id, the
+   champion versions and the run id, whose default is itself a hash of the as-of time, the champion
+   versions, the policy and ``channel``. A re-run of the same nightly job therefore writes the same list
+   with the same ids, and feedback for the first run's messages still finds its decision.
 4. **Rank** (:func:`rank`): customers with an action first, then by expected incremental profit of the
    chosen offer, then by value at risk (the order when there is no offer model), then customer id;
    ``top`` keeps the first N. Without filters every customer is written (the full scoring table).
 5. **Write** atomically (:func:`write_atomic`: a temporary file in the same folder, then a rename), so a
    failed run never leaves a partial list; a PNG chart beside it (``<out stem>.png``: churn probability
    distribution and the cumulative expected profit of the list); a :class:`BatchSummary`.
+6. **Log** the listed rows' decisions to the decision log (:func:`log_decisions`: table ``decisions`` of
+   the serving database, ``source`` = ``batch``, ``decided_at`` = the as-of time), only once the list file
+   is in place. Decision ids are hashes like the exposure ids and the insert skips ids already there, so a
+   re-run logs nothing twice, and a run whose logging failed is repaired by running it again.
+
+**The control group.** Customers in the policy's holdout (``holdout.share``, a salted hash of the customer
+id, see ``serving/policy.py``) get the API's answer for them: ``action`` none, ``action_reason`` holdout,
+no channel, send time or exposure id, so the campaign tool sends them nothing. Their ``intended_action``
+and the offer columns say what they would have got, and ranking treats them as if they had that action:
+a holdout row sits where its intended expected profit puts it. A ``--top N`` list (or any filter) thus
+keeps the control group's share and composition equal to the treated group's -- the same tiers, segments
+and offers in the same proportions -- which is what lets `engage report` compare the two groups' outcomes
+(intention to treat). Ranking the control group last, or leaving it out of short lists, would compare the
+list's best customers with everybody else.
 
 Output columns (:data:`OUTPUT_SCHEMA`, one row per selected customer, in rank order):
 
@@ -36,12 +54,18 @@ Output columns (:data:`OUTPUT_SCHEMA`, one row per selected customer, in rank or
 ``expected_value``             expected revenue over the horizon (buy-till-you-die rate x P(alive) x value)
 ``value_at_risk``              churn_probability x expected_value
 ``reason_codes``               churn reason codes (features pushing risk up), ``;``-separated
+``exposure_id``                the message's id for feedback (``POST /v1/feedback``); empty without an action
 ``action``                     winback / retain / upsell / nurture / none
-``action_reason``              why ``none`` (consent, quiet_hours, recent_complaint, contact_cap, ...)
-``best_offer``                 the chosen offer id; empty = a message without an offer
+``action_reason``              why ``none`` (consent, quiet_hours, recent_complaint, contact_cap, holdout, ...)
+``holdout``                    in the control group: action none, nothing is sent
+``intended_action``            control group only: the action the policy would have taken (``none`` when a
+                               rule stopped it as well); empty for everybody else
+``best_offer``                 the chosen offer id; empty = a message without an offer (control group: the
+                               offer they would have got)
 ``offer_uplift``               P(convert | offer) - P(convert | no offer) of the chosen offer
 ``expected_incremental_profit``  of acting: the chosen offer's expected incremental profit, 0 for a
                                message without an offer, empty when there is no action or no offer model
+                               (control group: of the intended action)
 ``propensity``                 probability the policy chose this offer (epsilon exploration)
 ``channel``                    channel to send on
 ``expected_open_rate``         P(open within 24 h) at the chosen hour (empty without a send-time model)
@@ -58,6 +82,8 @@ Output columns (:data:`OUTPUT_SCHEMA`, one row per selected customer, in rank or
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -86,7 +112,7 @@ from features.snapshots import (
     to_utc,
 )
 from serving.decide import decide
-from serving.policy import Policy
+from serving.policy import Holdout, Policy
 from serving.scoring import POLICY_FEATURES, Scorer
 from serving.types import CHANNELS, CONTROL_ARM
 
@@ -102,6 +128,7 @@ _TS = pa.timestamp("us", tz="UTC")
 OUTPUT_SCHEMA = pa.schema([
     ("rank", pa.int64()),
     ("customer_id", pa.string()),
+    ("exposure_id", pa.string()),
     ("churn_probability", pa.float64()),
     ("risk_tier", pa.string()),
     ("segment", pa.string()),
@@ -110,6 +137,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("reason_codes", pa.string()),
     ("action", pa.string()),
     ("action_reason", pa.string()),
+    ("holdout", pa.bool_()),
+    ("intended_action", pa.string()),
     ("best_offer", pa.string()),
     ("offer_uplift", pa.float64()),
     ("expected_incremental_profit", pa.float64()),
@@ -128,7 +157,8 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 # The chunk step's output: every column but the rank (given after the global sort).
 CHUNK_SCHEMA = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "rank"])
-# Sort keys, in order: (column, descending). Nulls last everywhere; ``_acting`` = action != "none".
+# Sort keys, in order: (column, descending). Nulls last everywhere; ``_acting`` = action != "none", or for the
+# control group intended_action != "none" (see the module docstring).
 SORT_KEYS = (("_acting", True), ("expected_incremental_profit", True), ("value_at_risk", True),
              ("customer_id", False))
 
@@ -150,8 +180,9 @@ class BatchOptions:
     overwrite: bool = False
     chunk_size: int = 50_000
     workers: int = 0  # local engine processes; 0 = one per CPU
-    run_id: str | None = None  # default: a new one (the exploration seed)
+    run_id: str | None = None  # the exploration seed; default: derived from as-of, champions, policy, channel
     chart: bool = True
+    log_decisions: bool = True  # append the listed rows' decisions to the decision log (serving database)
 
 
 @dataclass(frozen=True)
@@ -167,6 +198,43 @@ class ChunkContext:
     min_churn: float | None = None
     channel: str | None = None
 
+    @property
+    def intended_policy(self) -> Policy:
+        """The policy without its control group: what a holdout member would have been given."""
+        cached = self.__dict__.get("_intended")
+        if cached is None:
+            cached = self.policy.model_copy(update={"holdout": Holdout(share=0.0, salt=self.policy.holdout.salt)})
+            object.__setattr__(self, "_intended", cached)
+        return cached
+
+    @property
+    def id_key(self) -> str:
+        """What makes this run's ids: the as-of time, the champion versions and the run id."""
+        return _id_key(self.as_of, self.versions, self.run_id)
+
+
+def _id_key(as_of: datetime, versions: dict[str, str], run_id: str) -> str:
+    return "\x1f".join([to_utc(as_of).isoformat(), json.dumps(versions, sort_keys=True), run_id])
+
+
+def _hash_id(*parts: str) -> str:
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def exposure_id(id_key: str, customer_id: str) -> str:
+    """The exposure id of a listed customer with an action: deterministic, so a re-run gives the same one."""
+    return _hash_id("exposure", id_key, customer_id)
+
+
+def decision_id(id_key: str, customer_id: str) -> str:
+    return _hash_id("decision", id_key, customer_id)
+
+
+def default_run_id(as_of: datetime, versions: dict[str, str], policy: Policy, channel: str | None) -> str:
+    """The run id when none is given: the same job (as-of time, champions, policy, channel) gets the same one."""
+    key = _id_key(as_of, versions, "") + "\x1f" + policy.model_dump_json() + "\x1f" + (channel or "")
+    return "batch-" + _hash_id(key)[:20]
+
 
 @dataclass
 class BatchPlan:
@@ -180,6 +248,7 @@ class BatchPlan:
     context: ChunkContext
     options: BatchOptions
     notes: list[str] = field(default_factory=list)
+    engine: object = None  # SQLAlchemy engine of the decision log (None: not logged)
 
 
 @dataclass
@@ -198,6 +267,9 @@ class BatchSummary:
     chart: Path | None
     versions: dict[str, str]
     notes: list[str]
+    holdout: int = 0  # listed rows in the control group
+    logged: int | None = None  # decisions appended to the decision log (None: not logged)
+    decision_log: str | None = None  # where (URL, password hidden)
 
     @property
     def rate(self) -> float:
@@ -345,6 +417,9 @@ def plan(home: Path, options: BatchOptions, *, policy: Policy | None = None, dir
         chart = None
     models = models or load_champions(home)
     snapshot = ensure_snapshot(home, as_of)
+    from serving.suppression import drop_suppressed_rows  # forgotten customers are never scored
+
+    drop_suppressed_rows(home, snapshot)
     meta = pq.ParquetFile(snapshot)
     columns = input_columns(models.scorer, meta.schema_arrow.names)
     versions = models.versions
@@ -353,9 +428,24 @@ def plan(home: Path, options: BatchOptions, *, policy: Policy | None = None, dir
         notes.append(NO_NBO_NOTE)
     if "send_time" not in versions:
         notes.append(NO_SEND_TIME_NOTE)
-    context = ChunkContext(models.scorer, policy, as_of, options.run_id or uuid.uuid4().hex, versions,
+    run_id = options.run_id or default_run_id(as_of, versions, policy, options.channel)
+    context = ChunkContext(models.scorer, policy, as_of, run_id, versions,
                            tuple(dict.fromkeys(options.segments)), options.min_churn, options.channel)
-    return BatchPlan(home, as_of, snapshot, out, chart, columns, meta.metadata.num_rows, context, options, notes)
+    engine = decision_log_engine(home) if options.log_decisions else None
+    return BatchPlan(home, as_of, snapshot, out, chart, columns, meta.metadata.num_rows, context, options, notes,
+                     engine)
+
+
+def decision_log_engine(home: Path):
+    """The serving database's engine (``ENGAGE_SERVING_DB_URL`` or the default), checked before any scoring."""
+    from serving.servingdb import create_serving_engine
+
+    try:
+        engine = create_serving_engine(home=home)
+    except Exception as exc:  # unreachable, refused, bad URL: say so before an hour of scoring
+        raise BatchError(f"cannot open the decision log: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    engine.dispose()  # no connection is carried into the forked workers
+    return engine
 
 
 # -- the chunk step (shared with Spark) ------------------------------------------------------------------
@@ -391,23 +481,28 @@ def score_chunk(ctx: ChunkContext, batch: pa.RecordBatch | pa.Table) -> pa.Table
     has_nbo, has_st = "next_best_offer" in ctx.versions, "send_time" in ctx.versions
     note = "; ".join(([] if has_nbo else [NO_NBO_NOTE]) + ([] if has_st else [NO_SEND_TIME_NOTE])) or None
     channels = [ctx.channel] if ctx.channel is not None else None
+    id_key = ctx.id_key
     cols: dict[str, list] = {f.name: [] for f in CHUNK_SCHEMA}
     for sc in scores:
         d = decide(sc, ctx.policy, ctx.as_of, channels=channels, max_offers=0, request_id=ctx.run_id)
-        if ctx.channel is not None and d.channel != ctx.channel:
+        # The control group: the offer columns (and the channel filter) use what they would have got.
+        shown = decide(sc, ctx.intended_policy, ctx.as_of, channels=channels, max_offers=0,
+                       request_id=ctx.run_id) if d.holdout else d
+        if ctx.channel is not None and shown.channel != ctx.channel:
             continue
         acting = d.action != "none"
-        offer = d.chosen_offer
+        offer = shown.chosen_offer
         uplift = profit = None
         if offer is not None:
             k = sc.arms.index(offer)
             p = sc.p_convert
             uplift = float(p[k] - p[sc.arms.index(CONTROL_ARM)])
             profit = float(sc.incremental_profit[k])
-        elif acting and has_nbo:
+        elif shown.action != "none" and has_nbo:
             profit = 0.0
         timed = acting and has_st
         cols["customer_id"].append(d.customer_id)
+        cols["exposure_id"].append(exposure_id(id_key, d.customer_id) if acting else None)
         cols["churn_probability"].append(d.churn_probability)
         cols["risk_tier"].append(d.risk_tier)
         cols["segment"].append(d.segment)
@@ -416,10 +511,12 @@ def score_chunk(ctx: ChunkContext, batch: pa.RecordBatch | pa.Table) -> pa.Table
         cols["reason_codes"].append(None)  # filled for the listed rows only (reasons_chunk)
         cols["action"].append(d.action)
         cols["action_reason"].append(d.reason)
+        cols["holdout"].append(d.holdout)
+        cols["intended_action"].append(d.intended_action if d.holdout else None)
         cols["best_offer"].append(offer)
         cols["offer_uplift"].append(uplift)
         cols["expected_incremental_profit"].append(profit)
-        cols["propensity"].append(d.propensity)
+        cols["propensity"].append(shown.propensity)
         cols["channel"].append(d.channel)
         cols["expected_open_rate"].append(d.expected_open_rate if timed else None)
         cols["send_at"].append(d.send_at if timed else None)
@@ -465,10 +562,16 @@ def _sort_options() -> pc.SortOptions:
         return pc.SortOptions(keys, null_placement="at_end")
 
 
+def acting_mask(table: pa.Table) -> pa.ChunkedArray:
+    """``_acting`` of :data:`SORT_KEYS`: an action, or (control group) an intended action."""
+    intended = pc.fill_null(pc.not_equal(table.column("intended_action"), "none"), False)
+    held = pc.and_(pc.fill_null(table.column("holdout"), False), intended)
+    return pc.or_(pc.not_equal(table.column("action"), "none"), held)
+
+
 def rank(table: pa.Table, top: int | None = None) -> pa.Table:
     """Sort by :data:`SORT_KEYS` (nulls last), keep ``top`` rows, number them: :data:`OUTPUT_SCHEMA`."""
-    acting = pc.not_equal(table.column("action"), "none")
-    keyed = table.append_column("_acting", acting)
+    keyed = table.append_column("_acting", acting_mask(table))
     order = pc.sort_indices(keyed, options=_sort_options())
     if top is not None:
         order = order.slice(0, top)
@@ -505,8 +608,14 @@ def write_atomic(table: pa.Table, out: Path, chart: Path | None) -> None:
             pq.write_table(table, tmp, compression="zstd")
         if png is not None:
             draw_chart(table.column("churn_probability").to_numpy(zero_copy_only=False),
-                       table.column("expected_incremental_profit").to_numpy(zero_copy_only=False),
+                       treated_profit(table.column("expected_incremental_profit").to_numpy(zero_copy_only=False),
+                                      table.column("holdout").to_numpy(zero_copy_only=False)),
                        table.column("value_at_risk").to_numpy(zero_copy_only=False), png)
+
+
+def treated_profit(profit: np.ndarray, holdout: np.ndarray) -> np.ndarray:
+    """Expected profit of the rows that are acted on: the control group's (intended) profit is not earned."""
+    return np.where(np.asarray(holdout, dtype=bool), np.nan, np.asarray(profit, dtype=float))
 
 
 def write_table_csv(table: pa.Table, path: Path) -> None:
@@ -546,8 +655,10 @@ def draw_chart(churn: np.ndarray, profit: np.ndarray, value_at_risk: np.ndarray,
 
 def summarize(columns: dict[str, np.ndarray | list], *, engine: str, plan_: BatchPlan, scored: int,
               seconds: float, out: Path | str) -> BatchSummary:
-    """Counts and totals of the written list (columns: risk_tier, segment, action, value_at_risk, profit)."""
-    profit = np.asarray(columns["expected_incremental_profit"], dtype=float)
+    """Counts and totals of the written list (columns: risk_tier, segment, action, holdout, value_at_risk,
+    expected_incremental_profit)."""
+    holdout = np.asarray(columns["holdout"], dtype=bool)
+    profit = treated_profit(columns["expected_incremental_profit"], holdout)
     var = np.asarray(columns["value_at_risk"], dtype=float)
     has_nbo = "next_best_offer" in plan_.context.versions
     return BatchSummary(
@@ -557,7 +668,108 @@ def summarize(columns: dict[str, np.ndarray | list], *, engine: str, plan_: Batc
         by_action=dict(Counter(columns["action"]).most_common()),
         value_at_risk=float(np.nansum(var)), expected_profit=float(np.nansum(profit)) if has_nbo else None,
         seconds=seconds, out=out, chart=plan_.chart, versions=dict(plan_.context.versions), notes=list(plan_.notes),
+        holdout=int(holdout.sum()),
     )
+
+
+# -- the decision log ------------------------------------------------------------------------------------
+
+LOG_BATCH_ROWS = 5_000
+_LOG_COLUMNS = ("customer_id", "exposure_id", "churn_probability", "risk_tier", "segment", "expected_value",
+                "value_at_risk", "reason_codes", "action", "action_reason", "holdout", "intended_action",
+                "best_offer", "offer_uplift", "expected_incremental_profit", "propensity", "channel",
+                "expected_open_rate", "send_at", "send_at_local", "rank")
+
+
+def decision_records(rows: pa.Table, ctx: ChunkContext) -> list[dict]:
+    """The decision-log records (as :func:`serving.decision_log.decision_record` makes them) of listed rows.
+
+    Built from the list's own columns, so both engines log exactly what they wrote: ``decided_at`` and the
+    feature timestamp are the as-of time, ``request_id`` the run id; the payload holds the churn facts, the
+    chosen offer (control group: the intended one, also in ``intended_offer``) with its predicted uplift, and
+    the rank. A control-group record has no ``chosen_offer``: nothing was offered.
+    """
+    key, as_of = ctx.id_key, ctx.as_of
+    versions = {k: str(v) for k, v in ctx.versions.items()}
+    data = {c: rows.column(c).to_pylist() for c in _LOG_COLUMNS}
+    out = []
+    for i, customer in enumerate(data["customer_id"]):
+        row = {c: data[c][i] for c in _LOG_COLUMNS}
+        held, offer = bool(row["holdout"]), row["best_offer"]
+        offers = [] if offer is None else [{
+            "offer_id": offer, "uplift": _num(row["offer_uplift"]),
+            "expected_incremental_profit": _num(row["expected_incremental_profit"]), "chosen": not held}]
+        reason = row["action_reason"]
+        out.append({
+            "decision_id": decision_id(key, customer),
+            "request_id": ctx.run_id,
+            "exposure_id": row["exposure_id"],
+            "customer_id": customer,
+            "decided_at": as_of,
+            "source": "batch",
+            "action": row["action"],
+            "reason": reason,
+            "chosen_offer": None if held else offer,
+            "channel": row["channel"],
+            "send_at": row["send_at"],
+            "propensity": 1.0 if held else _num(row["propensity"]),
+            "cold_start": False,
+            "degraded": False,
+            "holdout": held,
+            "feature_timestamp": as_of,
+            "model_versions": versions,
+            "payload": {
+                "churn_probability": _num(row["churn_probability"]),
+                "risk_tier": row["risk_tier"],
+                "segment": row["segment"],
+                "reasons": [c for c in (row["reason_codes"] or "").split(";") if c],
+                "offers": offers,
+                "channels": [],
+                "suppressions": [] if reason is None else [{"rule": reason, "target": "action", "detail": reason}],
+                "send_at_local": row["send_at_local"],
+                "expected_open_rate": _num(row["expected_open_rate"]),
+                "expected_value_at_risk": _num(row["value_at_risk"]),
+                "expected_value": _num(row["expected_value"]),
+                "intended_action": row["intended_action"],
+                "intended_offer": offer if held else None,
+                "rank": row["rank"],
+            },
+        })
+    return out
+
+
+def log_decisions(plan_: BatchPlan, listed: pa.Table, on_progress: Callable[[int], None] | None = None) -> int:
+    """Append the listed rows' decisions to the decision log (after the list is written); returns how many.
+
+    Inserts skip decision and exposure ids already logged (a re-run of the same job adds nothing). Raises
+    :class:`BatchError` when the database refuses or cannot be reached: the list is written, its decisions
+    are not (all) logged, and running the same job again logs them.
+    """
+    from serving.decision_log import DecisionLog
+    from serving.servingdb import decisions
+
+    if plan_.engine is None:
+        return 0
+    writer = DecisionLog(plan_.engine, max_pending=2 * LOG_BATCH_ROWS)
+    written = 0
+    for start in range(0, listed.num_rows, LOG_BATCH_ROWS):
+        part = listed.slice(start, LOG_BATCH_ROWS)
+        for record in decision_records(part, plan_.context):
+            writer.append(record)
+        written += writer.flush()
+        stats = writer.stats
+        if stats.pending or stats.dropped:
+            raise BatchError(f"wrote {plan_.out}, but only {written:,} of its {listed.num_rows:,} decisions reached "
+                             f"the decision log ({decision_log_url(plan_.engine)}, table {decisions.name}): "
+                             f"{stats.last_error}. Feedback for the others is refused until they are logged: "
+                             "run the same command again with --overwrite (nothing is logged twice)")
+        if on_progress:
+            on_progress(part.num_rows)
+    return written
+
+
+def decision_log_url(engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
 
 
 # -- the local engine ------------------------------------------------------------------------------------
@@ -655,17 +867,26 @@ def fill_reasons(ranked: pa.Table, codes: pa.Table) -> pa.Table:
     return ranked.set_column(ranked.schema.get_field_index("reason_codes"), "reason_codes", filled)
 
 
-def run_local(plan_: BatchPlan, on_progress: Callable[[int], None] | None = None) -> tuple[pa.Table, BatchSummary]:
-    """Score, rank, write atomically, summarize; returns (the written list, summary)."""
+def run_local(plan_: BatchPlan, on_progress: Callable[[int], None] | None = None,
+              on_log: Callable[[int], None] | None = None) -> tuple[pa.Table, BatchSummary]:
+    """Score, rank, write atomically, log the decisions, summarize; returns (the written list, summary)."""
     started = time.perf_counter()
     rows, scored = score_local(plan_, on_progress)
     ranked = add_reasons(plan_, rank(rows, plan_.options.top))
     write_atomic(ranked, plan_.out, plan_.chart)
+    logged = log_decisions(plan_, ranked, on_log) if plan_.engine is not None else None
     seconds = time.perf_counter() - started
     cols = {name: ranked.column(name).to_numpy(zero_copy_only=False) if name in (
-        "value_at_risk", "expected_incremental_profit") else ranked.column(name).to_pylist()
-        for name in ("risk_tier", "segment", "action", "value_at_risk", "expected_incremental_profit")}
-    return ranked, summarize(cols, engine="local", plan_=plan_, scored=scored, seconds=seconds, out=plan_.out)
+        "value_at_risk", "expected_incremental_profit", "holdout") else ranked.column(name).to_pylist()
+        for name in ("risk_tier", "segment", "action", "holdout", "value_at_risk", "expected_incremental_profit")}
+    summary = summarize(cols, engine="local", plan_=plan_, scored=scored, seconds=seconds, out=plan_.out)
+    return ranked, _logged(summary, plan_, logged)
+
+
+def _logged(summary: BatchSummary, plan_: BatchPlan, logged: int | None) -> BatchSummary:
+    summary.logged = logged
+    summary.decision_log = decision_log_url(plan_.engine) if plan_.engine is not None else None
+    return summary
 
 
 def score(home: Path, options: BatchOptions, engine: str = "local", *, spark_master: str | None = None,

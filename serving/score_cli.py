@@ -30,19 +30,26 @@ def score_command(
                                          "CPU).")] = 0,
     spark_master: Annotated[str | None, typer.Option("--spark-master", envvar="SPARK_MASTER", help="Spark master "
                                                      "URL (default local[*]).")] = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (seeds the exploration draws; default: "
-                                               "new).")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (seeds the exploration draws and the "
+                                               "exposure ids; default: derived from the as-of time, champions, "
+                                               "policy and channel, so a re-run gives the same list and ids).")
+                      ] = None,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="Append the listed decisions to the decision log "
+                                      "(ENGAGE_SERVING_DB_URL), so feedback on the list's exposure ids is "
+                                      "accepted.")] = True,
     home: HomeOption = None,
 ) -> None:
     """Score all customers (features from the offline store, champion models, decision policy) into a
-    ranked list: sorted by expected incremental profit of acting (value at risk without an offer model)."""
+    ranked list: sorted by expected incremental profit of acting (value at risk without an offer model).
+    The policy's control group is listed with action none (reason holdout) and ranked by what it would have
+    got; the listed decisions go to the decision log once the list is written."""
     from serving.batch import BatchError, BatchOptions
     from serving.batch import plan as make_plan
 
     if engine not in ("local", "spark"):
         fail(f"unknown engine '{engine}': use local or spark")
     options = BatchOptions(as_of=as_of, out=out, min_churn=min_churn, segments=tuple(segment or ()), top=top,
-                           channel=channel, overwrite=overwrite, workers=workers, run_id=run_id)
+                           channel=channel, overwrite=overwrite, workers=workers, run_id=run_id, log_decisions=log)
     try:
         home_dir, _ = home_and_config(home)
         with console.status("checking options, data and models ..."):
@@ -58,7 +65,12 @@ def score_command(
             from serving.batch import run_local
 
             with progress_bar("scoring", plan_.rows) as (progress, task):
-                _, summary = run_local(plan_, lambda n: progress.advance(task, n))
+                logging = progress.add_task("logging decisions", total=None, visible=False)
+
+                def on_log(n: int) -> None:
+                    progress.update(logging, visible=True, advance=n)
+
+                _, summary = run_local(plan_, lambda n: progress.advance(task, n), on_log)
     except BatchError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -78,8 +90,11 @@ def _print_summary(s) -> None:
         table.add_row(f"segment {k}", f"{v:,}")
     for k, v in s.by_action.items():
         table.add_row(f"action {k}", f"{v:,}")
+    table.add_row("control group (holdout: action none)", f"{s.holdout:,}")
     console.print(table)
     console.print(f"total value at risk: {s.value_at_risk:,.2f}")
     if s.expected_profit is not None:
         console.print(f"expected incremental profit of the list: {s.expected_profit:,.2f}")
     console.print(f"wrote {s.out}" + (f" and {s.chart}" if s.chart else ""))
+    if s.logged is not None:
+        console.print(f"decision log: {s.logged:,} decisions (source batch) in {s.decision_log}", highlight=False)

@@ -14,6 +14,9 @@
   temporary folder beside it, its part file renamed into place); any other path gets a Parquet directory
   (written to a temporary folder beside it, then renamed). The summary and chart come from the written
   rows' tier, segment, action and money columns, collected to the driver through Arrow.
+* Decision log: once the output is in place, the driver reads the written list back (pyarrow) and appends
+  its rows' decisions with :func:`serving.batch.log_decisions`, as the local engine does with its rows, so
+  both engines log the same records (reading the file costs far less than recomputing the reason codes).
 
 Master: ``--spark-master`` / ``SPARK_MASTER``, default ``local[*]``. On a cluster the executors need this
 package installed (or shipped with ``--py-files``) and ENGAGE_HOME's ``feature_data/`` and the output
@@ -43,10 +46,13 @@ from serving.batch import (
     BatchPlan,
     BatchSummary,
     atomic_path,
+    decision_log_url,
     draw_chart,
+    log_decisions,
     reasons_chunk,
     score_chunk,
     summarize,
+    treated_profit,
 )
 
 DEFAULT_MASTER = "local[*]"
@@ -79,6 +85,8 @@ def _spark_type(t: pa.DataType) -> str:
         return "bigint"
     if pa.types.is_timestamp(t):
         return "timestamp"
+    if pa.types.is_boolean(t):
+        return "boolean"
     raise TypeError(f"no Spark type for {t}")
 
 
@@ -104,7 +112,10 @@ def _ranked(spark, plan_: BatchPlan, bc):
     rows = features.mapInArrow(score_batches, ddl(CHUNK_SCHEMA))
     order = [F.col(k).desc_nulls_last() if desc else F.col(k).asc_nulls_last() for k, desc in SORT_KEYS]
     window = Window.orderBy(*order)  # one partition for the numbering: fine for lists of millions
-    ranked = (rows.withColumn("_acting", F.col("action") != F.lit("none"))
+    intended = F.coalesce(F.col("holdout") & (F.coalesce(F.col("intended_action"), F.lit("none")) != "none"),
+                          F.lit(False))
+    acting = (F.col("action") != F.lit("none")) | intended  # serving.batch.acting_mask
+    ranked = (rows.withColumn("_acting", acting)
               .withColumn("rank", F.row_number().over(window).cast("bigint")).drop("_acting"))
     if plan_.options.top is not None:
         ranked = ranked.where(F.col("rank") <= plan_.options.top)
@@ -174,18 +185,39 @@ def run_spark(plan_: BatchPlan, master: str | None = None, spark=None) -> BatchS
             else:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 _directory(final, out)
-            cols = (ranked.orderBy("rank").select("risk_tier", "segment", "action", "churn_probability",
+            cols = (ranked.orderBy("rank").select("risk_tier", "segment", "action", "holdout", "churn_probability",
                                                   "value_at_risk", F.col("expected_incremental_profit"))
                     .toPandas())
             if png is not None:
-                draw_chart(cols["churn_probability"].to_numpy(float), cols["expected_incremental_profit"]
-                           .to_numpy(float), cols["value_at_risk"].to_numpy(float), png)
+                draw_chart(cols["churn_probability"].to_numpy(float),
+                           treated_profit(cols["expected_incremental_profit"].to_numpy(float),
+                                          cols["holdout"].to_numpy(bool)),
+                           cols["value_at_risk"].to_numpy(float), png)
         ranked.unpersist()
     finally:
         bc.unpersist()
         if own and not (master or os.environ.get("SPARK_MASTER") or DEFAULT_MASTER).startswith("local"):
             spark.stop()
+    logged = log_decisions(plan_, read_written(out)) if plan_.engine is not None else None
     data = {k: cols[k].tolist() for k in ("risk_tier", "segment", "action")}
     data |= {k: cols[k].to_numpy(float) for k in ("value_at_risk", "expected_incremental_profit")}
-    return summarize(data, engine="spark", plan_=plan_, scored=scored, seconds=time.perf_counter() - started,
-                     out=out)
+    data["holdout"] = cols["holdout"].to_numpy(bool)
+    summary = summarize(data, engine="spark", plan_=plan_, scored=scored, seconds=time.perf_counter() - started,
+                        out=out)
+    summary.logged = logged
+    summary.decision_log = decision_log_url(plan_.engine) if plan_.engine is not None else None
+    return summary
+
+
+def read_written(out: Path) -> pa.Table:
+    """The list Spark wrote (a Parquet file or directory, or a CSV file), in :data:`OUTPUT_SCHEMA`."""
+    if out.suffix.lower() == ".csv":
+        import pyarrow.csv as pacsv
+
+        types = {f.name: f.type for f in OUTPUT_SCHEMA}
+        table = pacsv.read_csv(out, convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out)
+    return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)

@@ -1,4 +1,5 @@
-"""`engage score` on the local engine: ranking, filters, atomic write, churn-only models, bad input."""
+"""`engage score` on the local engine: ranking, control group, exposure ids, decision log, filters, atomic write,
+churn-only models, bad input."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ def _score(home: Path, *args: str):
 
 
 @pytest.fixture(scope="module")
-def full(served, tmp_path_factory) -> pd.DataFrame:
-    """The full scoring table of the test world (run id fixed: exploration is reproducible)."""
+def full_run(served, tmp_path_factory):
+    """The full scoring table of the test world (run id fixed: exploration is reproducible), and the decision
+    log it was appended to."""
     import shutil
+    from types import SimpleNamespace
 
     env = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("batch")
@@ -35,12 +38,28 @@ def full(served, tmp_path_factory) -> pd.DataFrame:
     shutil.copy(served.registry_db, db)
     env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     env.setenv("ENGAGE_MLFLOW_ARTIFACTS", str(served.artifacts))
+    serving_db = f"sqlite:///{root / 'serving.db'}"
+    env.setenv("ENGAGE_SERVING_DB_URL", serving_db)
     try:
         result = _score(served.home, "--out", str(root / "all.parquet"), "--run-id", "run-1")
         assert result.exit_code == 0, result.output
-        return pd.read_parquet(root / "all.parquet")
+        return SimpleNamespace(df=pd.read_parquet(root / "all.parquet"), serving_db=serving_db, output=result.output)
     finally:
         env.undo()
+
+
+@pytest.fixture(scope="module")
+def full(full_run) -> pd.DataFrame:
+    return full_run.df
+
+
+def _decisions(url: str) -> pd.DataFrame:
+    import sqlalchemy as sa
+
+    from serving.servingdb import create_serving_engine, decisions
+
+    with create_serving_engine(url).connect() as con:
+        return pd.read_sql(sa.select(decisions), con)
 
 
 def _snapshot_rows(home: Path, df: pd.DataFrame) -> int:
@@ -52,9 +71,11 @@ def test_full_table_is_everyone_ranked(full: pd.DataFrame, served) -> None:
     assert len(full) == _snapshot_rows(served.home, full) and full["customer_id"].is_unique
     assert full["rank"].tolist() == list(range(1, len(full) + 1))
     acting = full["action"] != "none"
-    # Acting customers first, then by expected incremental profit, then value at risk.
-    assert acting.iloc[: acting.sum()].all() and not acting.iloc[acting.sum():].any()
-    profit = full.loc[acting, "expected_incremental_profit"].to_numpy()
+    # Acting customers (and the control group's would-be acting ones) first, then by expected incremental profit
+    # (the control group's intended), then value at risk.
+    ranked = acting | (full["holdout"] & full["intended_action"].fillna("none").ne("none"))
+    assert ranked.iloc[: ranked.sum()].all() and not ranked.iloc[ranked.sum():].any()
+    profit = full.loc[ranked, "expected_incremental_profit"].to_numpy()
     assert (np.diff(profit) <= 1e-12).all()
     assert full.loc[~acting, "action_reason"].notna().all() and full.loc[acting, "action_reason"].isna().all()
     # Offer columns: a chosen offer has positive uplift and profit; no offer -> profit 0 when acting.
@@ -69,6 +90,77 @@ def test_full_table_is_everyone_ranked(full: pd.DataFrame, served) -> None:
     assert full[["churn_model_version", "nbo_model_version", "send_time_model_version"]].notna().all().all()
 
 
+def test_control_group_is_listed_and_never_sent(full: pd.DataFrame) -> None:
+    """The policy's holdout (5% by default) is in the list with action none and what it would have got."""
+    from serving.policy import load_policy
+
+    policy = load_policy()
+    held = full["holdout"]
+    assert held.tolist() == [policy.holdout.contains(c) for c in full["customer_id"]]
+    assert 0.02 < held.mean() < 0.09
+    h = full[held]
+    assert (h["action"] == "none").all() and (h["action_reason"] == "holdout").all()
+    # Nothing a campaign tool could send: no exposure id, channel or send time.
+    assert h[["exposure_id", "channel", "send_at", "send_at_local", "expected_open_rate"]].isna().all().all()
+    assert h["intended_action"].isin(["winback", "retain", "upsell", "nurture", "none"]).all()
+    assert (h["intended_action"] != "none").mean() > 0.5 and full.loc[~held, "intended_action"].isna().all()
+    # The offer columns say what they would have got (an offer only with an intended action).
+    assert h.loc[h["best_offer"].notna(), "intended_action"].isin(["winback", "retain", "upsell"]).all()
+    assert (h.loc[h["best_offer"].notna(), "expected_incremental_profit"] > 0).all()
+
+
+def test_exposure_ids_are_deterministic_and_logged(full_run, serving_env, tmp_path: Path) -> None:
+    full = full_run.df
+    acting = full["action"] != "none"
+    assert full.loc[acting, "exposure_id"].notna().all() and full.loc[~acting, "exposure_id"].isna().all()
+    assert full.loc[acting, "exposure_id"].is_unique
+    versions = {"churn": full["churn_model_version"].iloc[0], "next_best_offer": full["nbo_model_version"].iloc[0],
+                "send_time": full["send_time_model_version"].iloc[0]}
+    key = batch._id_key(full["as_of"].iloc[0].to_pydatetime(), versions, "run-1")
+    row = full[acting].iloc[0]
+    assert row["exposure_id"] == batch.exposure_id(key, row["customer_id"])
+    # Every listed decision is in the decision log, as the list says, with the control group's intended offer.
+    log = _decisions(full_run.serving_db).set_index("customer_id").loc[full["customer_id"]]
+    assert len(log) == len(full) and (log["source"] == "batch").all() and (log["request_id"] == "run-1").all()
+    assert log["exposure_id"].fillna("-").tolist() == full["exposure_id"].fillna("-").tolist()
+    assert log["holdout"].astype(bool).tolist() == full["holdout"].tolist()
+    assert log["action"].tolist() == full["action"].tolist()
+    assert (pd.to_datetime(log["decided_at"], utc=True) == full["as_of"].iloc[0]).all()
+    held, payload = full["holdout"].to_numpy(), log["payload"].to_numpy()
+    assert [p["intended_action"] for p in payload[held]] == full.loc[held, "intended_action"].tolist()
+    assert [p["intended_offer"] for p in payload[held]] == full.loc[held, "best_offer"].tolist()
+    assert log["chosen_offer"].to_numpy()[held].tolist() == [None] * held.sum()
+    assert "decision log: " in full_run.output
+    # A re-run of the same job (default run id: derived, not random) gives the same ids and logs nothing twice.
+    out_a, out_b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    for out in (out_a, out_b):
+        result = _score(serving_env.home, "--out", str(out), "--top", "200")
+        assert result.exit_code == 0, result.output
+    a, b = pd.read_parquet(out_a), pd.read_parquet(out_b)
+    assert a["run_id"].iloc[0].startswith("batch-") and a.equals(b)
+    assert len(_decisions(serving_env.serving_db)) == 200
+    result = _score(serving_env.home, "--out", str(out_a), "--top", "300", "--overwrite")
+    assert result.exit_code == 0 and len(_decisions(serving_env.serving_db)) == 300
+
+
+def test_top_keeps_the_control_groups_share(serving_env, tmp_path: Path) -> None:
+    """A short list keeps a control group ranked by intended profit: same share, same kind of customers."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("holdout:\n  share: 0.3\n")
+    out = tmp_path / "top.parquet"
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ENGAGE_POLICY", str(policy))
+        result = _score(serving_env.home, "--out", str(out), "--top", "400", "--run-id", "r")
+    assert result.exit_code == 0, result.output
+    top = pd.read_parquet(out)
+    held = top["holdout"]
+    assert 0.22 < held.mean() < 0.38 and "control group (holdout: action none)" in result.output
+    assert (top.loc[held, "intended_action"] != "none").all() and (top.loc[~held, "action"] != "none").all()
+    treated, control = top.loc[~held, "expected_incremental_profit"], top.loc[held, "expected_incremental_profit"]
+    assert abs(treated.mean() - control.mean()) < 0.25 * treated.mean()
+    assert not pd.read_parquet(out, columns=["exposure_id"])["exposure_id"][held.to_numpy()].notna().any()
+
+
 def test_rows_are_the_api_decision(full: pd.DataFrame, serving_env) -> None:
     """A row is Scorer.score + decide at the as-of time, as the API computes it."""
     from features.store import open_store
@@ -79,17 +171,21 @@ def test_rows_are_the_api_decision(full: pd.DataFrame, serving_env) -> None:
 
     ms = load_models(registry_client(), open_store(serving_env.home), champion_versions(registry_client()))
     as_of = full["as_of"].iloc[0].to_pydatetime()
-    ids = full["customer_id"].iloc[[0, 5, len(full) // 2, len(full) - 1]].tolist()
+    held = full.index[full["holdout"]]
+    ids = full["customer_id"].iloc[[0, 5, len(full) // 2, len(full) - 1, held[0], held[-1]]].tolist()
     table = pq.read_table(batch.snapshot_file(serving_env.home, as_of))
     table = table.filter(pa_in(table, ids))
     order = table.column("customer_id").to_pylist()
     scores = ms.scorer.score(order, batch.chunk_values(table), [as_of] * len(order))
     policy = load_policy()
+    open_policy = policy.model_copy(update={"holdout": policy.holdout.model_copy(update={"share": 0.0})})
     for sc in scores:
         d = decide(sc, policy, as_of, request_id="run-1")
         row = full.set_index("customer_id").loc[sc.customer_id]
-        assert row["action"] == d.action and row["risk_tier"] == d.risk_tier
-        assert (row["best_offer"] if isinstance(row["best_offer"], str) else None) == d.chosen_offer
+        assert row["action"] == d.action and row["risk_tier"] == d.risk_tier and row["holdout"] == d.holdout
+        # The control group's offer columns: what the policy would have chosen.
+        offered = decide(sc, open_policy, as_of, request_id="run-1").chosen_offer if d.holdout else d.chosen_offer
+        assert (row["best_offer"] if isinstance(row["best_offer"], str) else None) == offered
         assert math.isclose(row["churn_probability"], d.churn_probability, rel_tol=1e-12)
         assert row["reason_codes"] == ";".join(d.reasons)
         if d.send_at is not None:
@@ -134,7 +230,10 @@ def test_filters_and_top(full: pd.DataFrame, serving_env, tmp_path: Path) -> Non
     result = _score(serving_env.home, "--out", str(out), "--run-id", "run-1", "--channel", "sms")
     assert result.exit_code == 0, result.output
     sms = pd.read_csv(out)
-    assert len(sms) > 0 and (sms["channel"] == "sms").all() and (sms["action"] != "none").all()
+    treated, held = sms[~sms["holdout"]], sms[sms["holdout"]]
+    assert len(treated) > 0 and (treated["channel"] == "sms").all() and (treated["action"] != "none").all()
+    # The control group's members who would have got an sms are listed too (nothing to send them).
+    assert len(held) > 0 and held["channel"].isna().all() and (held["intended_action"] != "none").all()
 
 
 def test_churn_only_champion(serving_env, tmp_path: Path) -> None:
@@ -167,6 +266,7 @@ def test_atomic_write_leaves_nothing_on_failure(serving_env, tmp_path: Path, mon
         result = _score(serving_env.home, "--out", str(out))
     assert result.exit_code != 0 and "No space left" in result.output
     assert not out.exists() and not (tmp_path / "list.png").exists()
+    assert _decisions(serving_env.serving_db).empty  # decisions are logged only once the list is in place
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     out.write_text("old list")
     result = _score(serving_env.home, "--out", str(out), "--overwrite", "--top", "3")
@@ -199,6 +299,30 @@ def test_existing_output_and_unwritable_folder(serving_env, tmp_path: Path) -> N
     assert result.exit_code != 0 and "cannot write" in result.output
     result = _score(serving_env.home, "--out", str(tmp_path / "list.json"))
     assert result.exit_code != 0 and ".parquet or .csv" in result.output
+
+
+def test_decision_log_unreachable(serving_env, tmp_path: Path, monkeypatch) -> None:
+    """A decision log that cannot be opened stops the run before scoring; one that fails after the list is
+    written says so, and the same command logs the decisions when run again."""
+    out = tmp_path / "list.parquet"
+    monkeypatch.setenv("ENGAGE_SERVING_DB_URL", "sqlite:////proc/engage-test/serving.db")
+    result = _score(serving_env.home, "--out", str(out))
+    assert result.exit_code != 0 and "cannot open the decision log" in result.output and not out.exists()
+    monkeypatch.setenv("ENGAGE_SERVING_DB_URL", serving_env.serving_db)
+
+    def refused(*args, **kwargs):
+        raise OSError("database is locked")
+
+    with monkeypatch.context() as m:
+        m.setattr("serving.decision_log.DecisionLog._write", refused)
+        result = _score(serving_env.home, "--out", str(out), "--top", "50")
+    text = " ".join(result.output.split())
+    assert result.exit_code != 0 and "only 0 of its 50 decisions reached the decision log" in text, result.output
+    assert out.exists() and _decisions(serving_env.serving_db).empty
+    result = _score(serving_env.home, "--out", str(out), "--top", "50", "--overwrite")
+    assert result.exit_code == 0 and len(_decisions(serving_env.serving_db)) == 50
+    result = _score(serving_env.home, "--out", str(tmp_path / "quiet.parquet"), "--top", "60", "--no-log")
+    assert result.exit_code == 0 and len(_decisions(serving_env.serving_db)) == 50
 
 
 def test_no_champion(served, tmp_path: Path, monkeypatch) -> None:
