@@ -10,10 +10,13 @@ import typer
 
 from engage import profile
 from engage.cli_support import fail
-from features.cli import features_app, ingest_command, rejects_command, simulate_command
+from features.cli import features_app, ingest_command, rejects_command, simulate_command, simulate_respond_command
+from features.forget_cli import forget_command
 from serving.cli import feedback_app, serve_command
+from serving.report_cli import report_command
 from serving.score_cli import score_command
 from training.cli import models_app, train_command
+from training.ops_cli import monitor_command, retrain_command
 
 app = typer.Typer(
     name="engage",
@@ -56,6 +59,21 @@ app.command("score", help="Score every customer with the champion models into a 
 )
 app.command("serve", help="Serve next-best-action recommendations over HTTP (FastAPI + uvicorn).")(serve_command)
 app.add_typer(feedback_app, name="feedback")
+app.command("monitor", help="Drift of features and scores against the champions' training data (exit 3: alert).")(
+    monitor_command
+)
+app.command("retrain", help="Features, Feast, train all with the gate; reload the service if a champion moved.")(
+    retrain_command
+)
+app.command("simulate-respond", help="Simulate what a batch list's customers do next, from the simulator's truth.")(
+    simulate_respond_command
+)
+app.command("report", help="Realised results against the control group: HTML report, logged to MLflow.")(
+    report_command
+)
+app.command("forget", help="Remove customers from every store and suppress them (right to be forgotten).")(
+    forget_command
+)
 
 
 def main() -> None:

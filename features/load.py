@@ -63,7 +63,8 @@ class TableReport:
 
     rows == accepted + rejected and accepted == inserted + already_loaded, where
     already_loaded counts keys already in the warehouse (for customers and
-    offers: rows that were updated).
+    offers: rows that were updated). forgotten counts the rows of customers on the
+    suppression list (`engage forget`): dropped, not loaded or rejected, and not in rows.
     """
 
     table: str
@@ -73,6 +74,7 @@ class TableReport:
     inserted: int
     already_loaded: int
     rejected: int
+    forgotten: int = 0
 
 
 @dataclass
@@ -89,6 +91,9 @@ class IngestReport:
             + tuple(f"{n:,}" for n in (t.rows, t.accepted, t.inserted, t.already_loaded, t.rejected))
             for t in self.tables
         ]
+        if any(t.forgotten for t in self.tables):
+            head += ("forgotten",)
+            body = [row + (f"{t.forgotten:,}",) for row, t in zip(body, self.tables, strict=True)]
         widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
         lines = [
             "  ".join(
@@ -100,6 +105,8 @@ class IngestReport:
             lines.append(
                 "Rejected rows are in the warehouse table `rejects`, each with its reason and original values."
             )
+        if any(t.forgotten for t in self.tables):
+            lines.append("Forgotten rows belong to customers on the suppression list (`engage forget`): dropped.")
         return "\n".join(lines)
 
 
@@ -150,6 +157,7 @@ def ingest(src_dir: Path, home: Path) -> IngestReport:
             required column. Nothing is written then.
     """
     sources = find_sources(Path(src_dir))
+    suppressed = _suppression_list(Path(home))
     con = connect_warehouse(Path(home))
     try:
         # Staging only creates temp objects, so it runs before the transaction:
@@ -170,6 +178,7 @@ def ingest(src_dir: Path, home: Path) -> IngestReport:
                     if _is_parquet(src.path) and not isinstance(e, duckdb.ProgrammingError):
                         raise ContractError(f"{src.path}: cannot read: {e}") from e
                     raise
+                src.forgotten = _drop_forgotten(con, src, suppressed)
             reports = [_write(con, src, load_id, loaded_at) for src in staged]
             con.commit()
         except BaseException:
@@ -218,6 +227,7 @@ class _Source:
     json_keys: dict[str, str]  # raw view column -> key in rejects.original (the header as written)
     overflow: list[str] = field(default_factory=list)  # CSV fields beyond the header
     extras: list[tuple[str, str, str]] = field(default_factory=list)  # (column, warehouse column, kind)
+    forgotten: int = 0  # rows of suppressed customers dropped after the check
 
     @property
     def chk(self) -> str:
@@ -428,6 +438,31 @@ def _check(con: duckdb.DuckDBPyConnection, src: _Source) -> None:
         )
 
 
+def _suppression_list(home: Path):
+    """The customers forgotten with `engage forget`; it lives in the serving database (serving.suppression).
+
+    Raises:
+        OSError (SuppressionError): the list cannot be read; nothing is loaded then.
+    """
+    from serving.suppression import open_list
+
+    return open_list(home)
+
+
+def _drop_forgotten(con: duckdb.DuckDBPyConnection, src: _Source, suppressed) -> int:
+    """Delete the checked rows of suppressed customers, good or bad (a rejected row would keep their id in
+    `rejects`); returns how many."""
+    if not len(suppressed) or not (src.table.customer_ref or src.table.name == "customers"):
+        return 0
+    ids = [r[0] for r in con.execute(f"SELECT DISTINCT customer_id FROM {src.chk} WHERE customer_id IS NOT NULL")
+           .fetchall()]
+    gone = suppressed.matching(ids)
+    if not gone:
+        return 0
+    (n,) = _one(con, f"DELETE FROM {src.chk} WHERE customer_id IN (SELECT unnest(?::VARCHAR[]))", [gone])
+    return int(n)
+
+
 def _reject_duplicates(con: duckdb.DuckDBPyConnection, src: _Source) -> None:
     """Among otherwise good rows with the same key, the first in the file wins."""
     key, chk = _q(src.table.key), src.chk
@@ -584,7 +619,8 @@ def _write(con: duckdb.DuckDBPyConnection, src: _Source, load_id: str, loaded_at
             f"FROM {chk} c JOIN {src.raw} r ON r.{_ROW} = c._row WHERE c._reason <> ''",
             [loaded_at, table.name, str(src.path)],
         )
-    report = TableReport(table.name, str(src.path), rows, accepted, inserted, accepted - inserted, rows - accepted)
+    report = TableReport(table.name, str(src.path), rows, accepted, inserted, accepted - inserted, rows - accepted,
+                         src.forgotten)
     con.execute(
         "INSERT INTO loads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [load_id, loaded_at, table.name, str(src.path), rows, accepted, inserted, rows - accepted],

@@ -24,6 +24,9 @@ def store_ground_truth(src_dir: Path, home: Path) -> Path | None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         shutil.copyfile(src, tmp)
+        from serving.suppression import drop_suppressed_rows  # the list lives in the serving database
+
+        drop_suppressed_rows(home, tmp)  # a customer forgotten with `engage forget` does not come back
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

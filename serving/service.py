@@ -28,6 +28,7 @@ from serving.policy import Policy, load_policy
 from serving.schemas import FeedbackIn, Recommendation, RecommendationRequest
 from serving.servingdb import create_serving_engine, create_tables
 from serving.settings import ServingSettings
+from serving.suppression import SuppressionList
 from serving.types import Decision
 from training.registry import tracking_uri
 
@@ -68,7 +69,8 @@ def to_response(d: Decision, request_id: str, exposure_id: str | None) -> Recomm
         chosen_offer=d.chosen_offer, channel=d.channel, send_at=d.send_at, send_at_local=d.send_at_local,
         expected_open_rate=d.expected_open_rate, propensity=d.propensity, channels=[vars(c) for c in d.channels],
         suppressions=[vars(s) for s in d.suppressions], cold_start=d.cold_start, degraded=d.degraded,
-        feature_timestamp=d.feature_timestamp, model_versions=d.model_versions,
+        feature_timestamp=d.feature_timestamp, model_versions=d.model_versions, holdout=d.holdout,
+        intended_action=d.intended_action,
     )
 
 
@@ -88,6 +90,7 @@ class EngageService:
         self._db_lock = threading.Lock()
         self.decisions = DecisionLog(self.engine, flush_interval_s=settings.decision_flush_s)
         self.feedback = FeedbackStore(self.engine, self.decisions)
+        self.suppressed = SuppressionList(self.engine, settings.home)  # `engage forget`; refreshed in _on_reload
         self.metrics.on_collect(self._collect)
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -122,10 +125,14 @@ class EngageService:
             return False, f"no models loaded ({why})"
         if not self.ensure_db():
             return False, f"serving database unavailable ({self._db_error})"
+        if not self.suppressed.loaded:  # answering without it could recommend for a forgotten customer
+            return False, f"suppression list unavailable ({self.suppressed.error})"
         return True, "ok"
 
     def _on_reload(self, changed: bool, error: str | None) -> None:
         self.ensure_db()  # the registry check doubles as the retry of a database that was down at start
+        self.suppressed.refresh()  # and as the reload of the suppression list (a failure keeps the last one)
+        self.metrics.export_drift(self.settings.home)  # the latest `engage monitor` results, as gauges
         self.metrics.reloads.labels("failed" if error else ("changed" if changed else "unchanged")).inc()
         for name, version in self.models.current.versions.items():
             self.metrics.model_version.labels(name).set(float(version))
@@ -141,7 +148,7 @@ class EngageService:
     def recommend(self, requests: Sequence[RecommendationRequest], source: str = "api") -> list[Recommendation]:
         """One answer per request, from one feature read and one scoring pass for all of them."""
         current: ModelSet = self.models.current
-        if not current.models or current.reader is None or current.scorer is None:
+        if not current.models or current.reader is None or current.scorer is None or not self.suppressed.loaded:
             raise NotReady(self.ready()[1])
         ids = [r.customer_id for r in requests]
         degraded = False
@@ -158,10 +165,12 @@ class EngageService:
         for req, sc in zip(requests, scores, strict=True):
             if sc.cold_start or sc.degraded:  # nothing known about this customer: no risk score to explain
                 sc.churn_probability, sc.churn_reasons = None, []
+            suppressed = req.customer_id in self.suppressed
             d = decide(sc, self.policy, req.now or decided_at, channels=req.channels, max_offers=req.max_offers,
-                       recent_contacts=recent.get(req.customer_id, ()), request_id=request_id)
+                       recent_contacts=recent.get(req.customer_id, ()), request_id=request_id, suppressed=suppressed)
             exposure_id = uuid.uuid4().hex if d.action != "none" else None
-            self.decisions.append(decision_record(d, request_id, exposure_id, decided_at, source))
+            if not suppressed:  # a forgotten customer's id is not written anywhere again
+                self.decisions.append(decision_record(d, request_id, exposure_id, decided_at, source))
             self.metrics.actions.labels(d.action).inc()
             out.append(to_response(d, request_id, exposure_id))
         self.metrics.customers.labels(source).inc(len(out))

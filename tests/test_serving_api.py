@@ -359,3 +359,28 @@ def test_send_at_is_the_next_slot_at_the_local_hour(client, customers):
         send_at = datetime.fromisoformat(body["send_at"])
         assert send_at.tzinfo is not None and send_at.utcoffset().total_seconds() == 0
         assert now <= send_at <= now + timedelta(hours=25), "the next slot at a local hour is within a day"
+
+
+def test_holdout_members_get_none_and_the_log_records_the_assignment(serving_env, customers, tmp_path, monkeypatch):
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("holdout:\n  share: 0.5\n  salt: api-test\n")
+    monkeypatch.setenv("ENGAGE_POLICY", str(policy_file))
+    from serving.policy import load_policy
+
+    members = {c for c in customers if load_policy(policy_file).holdout.contains(c)}
+    assert 0 < len(members) < len(customers)
+    with TestClient(create_app(ServingSettings.from_env(serving_env.home, reload_interval_s=0))) as c:
+        c.headers["Authorization"] = f"Bearer {serving_env.api_key}"
+        answers = c.post("/v1/recommendations/batch",
+                         json={"requests": [{"customer_id": x, "now": NOW} for x in customers]}).json()["results"]
+    for a in answers:
+        if a["customer_id"] in members:
+            assert (a["action"], a["reason"], a["holdout"], a["exposure_id"]) == ("none", "holdout", True, None)
+            assert a["intended_action"] in ("winback", "retain", "nurture", "upsell", "none")
+            assert a["chosen_offer"] is None and a["send_at"] is None
+        else:
+            assert a["holdout"] is False and a["reason"] != "holdout" and a["intended_action"] is None
+    assert any(a["intended_action"] not in (None, "none") for a in answers)  # the group would have been acted on
+    with sa.create_engine(serving_env.serving_db).connect() as con:
+        logged = dict(con.execute(sa.text("SELECT customer_id, holdout FROM decisions")).all())
+    assert {c for c, held in logged.items() if held} == members
