@@ -98,6 +98,9 @@ def _load_one(client: MlflowClient, store: FeatureStore, name: str, version: str
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
     except Exception as exc:
         raise ModelLoadError(f"{name} v{version} could not be loaded: {exc}") from exc
+    warm = getattr(model, "warm", None)
+    if callable(warm):  # the churn model's bulk reason-code tables: built once, before workers fork
+        warm()
     return LoadedModel(name, version, mv.run_id or "", tags.get("trained_as_of", ""), service, features, model,
                        datetime.now(UTC))
 

@@ -60,8 +60,10 @@ def test_risk_does_not_fall_when_recency_grows(trained):
 def test_reason_codes_are_features_pushing_risk_up(trained):
     _, result = trained
     model = result.python_model
-    X = model.prepare(result.holdout.head(20))
+    X = model.prepare(result.holdout.head(200))  # >= BULK_ROWS: the tabulated TreeSHAP, not pred_contrib
+    assert len(X) >= churn.BULK_ROWS
     contrib = model.booster.predict(X, pred_contrib=True)[:, :-1]
+    np.testing.assert_allclose(model.contributions(X), contrib, rtol=0, atol=1e-9)
     for i, reasons in enumerate(model.reasons(X)):
         assert len(reasons) <= churn.TOP_REASONS
         for name in reasons:
