@@ -61,10 +61,27 @@ def _draw(request_id: str, customer_id: str) -> tuple[float, float]:
     return int.from_bytes(digest[:8], "big") / 2**64, int.from_bytes(digest[8:], "big") / 2**64
 
 
+# (id(supported), hours) -> (supported, allowed hours): the send-time model's masks are the same few arrays for
+# every customer; the entry keeps its array alive, so the id cannot be reused while it is cached.
+_ALLOWED: dict[tuple[int, tuple[int, ...]], tuple[object, list[int]]] = {}
+
+
 def _allowed(hours: Sequence[int], supported: np.ndarray | None) -> list[int]:
     """The ``hours`` that are supported (a (24,) bool mask or an array of hours; None = all)."""
     if supported is None:
         return list(hours)
+    key = (id(supported), tuple(hours))
+    hit = _ALLOWED.get(key)
+    if hit is not None and hit[0] is supported:
+        return hit[1]
+    if len(_ALLOWED) > 256:
+        _ALLOWED.clear()
+    allowed = _allowed_uncached(hours, supported)
+    _ALLOWED[key] = (supported, allowed)
+    return allowed
+
+
+def _allowed_uncached(hours: Sequence[int], supported: np.ndarray) -> list[int]:
     arr = np.asarray(supported)
     if arr.dtype == bool:
         mask = arr.tolist()

@@ -48,7 +48,10 @@ def column(values: Mapping[str, Sequence], name: str, n: int) -> np.ndarray:
         return np.full(n, np.nan)
     if isinstance(col, np.ndarray):
         return col.astype(np.float64, copy=False)
-    return np.array([_float(v) for v in col], dtype=np.float64)
+    try:  # numbers, booleans and None (-> NaN) convert in one go
+        return np.array(col, dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.array([_float(v) for v in col], dtype=np.float64)
 
 
 class MatrixPlan:
@@ -70,14 +73,17 @@ class MatrixPlan:
         return out
 
 
-def _text(values: Mapping[str, Sequence], name: str, i: int, default: str) -> str:
+def _texts(values: Mapping[str, Sequence], name: str, n: int, default: str) -> list[str]:
+    """A text column as strings (missing or empty -> ``default``)."""
     col = values.get(name)
-    v = col[i] if col is not None else None
-    return str(v) if v not in (None, "") else default
+    if col is None:
+        return [default] * n
+    return [default if v is None or v == "" else str(v) for v in col]
 
 
-def _optional(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
+def _optionals(x: np.ndarray) -> list[float | None]:
+    """Floats as a list, NaN -> None."""
+    return [None if v != v else v for v in np.asarray(x, dtype=np.float64).tolist()]
 
 
 class Scorer:
@@ -138,6 +144,18 @@ class Scorer:
         if self.send_time is not None:
             X = self.plans["send_time"].build(values, n)
             curves = self.send_time.open_curves(X)
+        # Per-customer values as Python lists first: one conversion per column, not one per customer.
+        consent = {ch: [v is not False for v in values[CONSENT[ch]]] if CONSENT.get(ch) in values else None
+                   for ch in CHANNELS}
+        segments = _texts(values, "segment", n, self.default_segment)
+        zones = _texts(values, "timezone", n, "UTC")
+        unsubscribed, complained, messaged, churn_list = (_optionals(a) for a in (
+            num["days_since_unsubscribe"], num["days_since_last_complaint"], num["days_since_last_message"], churn_p))
+        messages = np.nan_to_num(num["messages_30d"]).astype(np.int64).tolist()
+        values_list = expected_value.astype(np.float64).tolist()
+        arms = list(self.nbo.arms) if self.nbo is not None else []
+        arm_channels = list(self.nbo.arm_channels) if self.nbo is not None else []
+        supported = self.supported if self.send_time is not None else {}
         out = []
         for i, cid in enumerate(customer_ids):
             found = timestamps[i] is not None
@@ -146,23 +164,22 @@ class Scorer:
                 cold_start=not found and not degraded,
                 degraded=degraded,
                 feature_timestamp=timestamps[i],
-                segment=_text(values, "segment", i, self.default_segment),
-                timezone=_text(values, "timezone", i, "UTC"),
-                consent={ch: (values[CONSENT[ch]][i] is not False) if CONSENT.get(ch) in values else True
-                         for ch in CHANNELS},
-                days_since_unsubscribe=_optional(num["days_since_unsubscribe"][i]),
-                days_since_complaint=_optional(num["days_since_last_complaint"][i]),
-                days_since_last_message=_optional(num["days_since_last_message"][i]),
-                messages_30d=int(np.nan_to_num(num["messages_30d"][i])),
-                churn_probability=_optional(churn_p[i]),
+                segment=segments[i],
+                timezone=zones[i],
+                consent={ch: True if c is None else c[i] for ch, c in consent.items()},
+                days_since_unsubscribe=unsubscribed[i],
+                days_since_complaint=complained[i],
+                days_since_last_message=messaged[i],
+                messages_30d=messages[i],
+                churn_probability=churn_list[i],
                 churn_reasons=codes[i],
-                expected_value=float(expected_value[i]),
-                arms=list(self.nbo.arms) if self.nbo is not None else [],
+                expected_value=values_list[i],
+                arms=arms,
                 p_convert=p[i] if p is not None else None,
                 incremental_profit=profit[i] if profit is not None else None,
-                arm_channels=list(self.nbo.arm_channels) if self.nbo is not None else [],
+                arm_channels=arm_channels,
                 open_curves={ch: c[i] for ch, c in curves.items()},
-                supported_hours=self.supported if self.send_time is not None else {},
+                supported_hours=supported,
                 model_versions=self.versions,
             ))
         return out
