@@ -85,6 +85,7 @@ def main() -> None:
 
     _, full = batch.run_local(plan_)
     print(f"local engine, full table: {full.scored:,} customers in {full.seconds:.1f} s = {full.rate:,.0f}/s")
+    print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in full.stages.items()))
 
     rate_top = None
     if args.top:
@@ -94,6 +95,7 @@ def main() -> None:
         rate_top = top.rate
         print(f"local engine, top {args.top:,} list: {top.scored:,} customers in {top.seconds:.1f} s = "
               f"{top.rate:,.0f}/s")
+        print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in top.stages.items()))
 
     seconds, n = floor(plan_)
     floor_rate = n / seconds

@@ -82,6 +82,8 @@ def _print_summary(s) -> None:
     versions = ", ".join(f"{k} v{v}" for k, v in s.versions.items())
     console.print(f"[bold]{s.scored:,}[/] customers scored as of {s.as_of:%Y-%m-%d %H:%M:%S}Z in {s.seconds:.1f} s "
                   f"({s.rate:,.0f}/s, {s.engine}); models: {versions}")
+    if s.stages:
+        console.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.stages.items()), highlight=False)
     table = Table("list", "customers", title=None)
     table.add_row("rows written", f"{s.listed:,}")
     for k, v in s.by_tier.items():

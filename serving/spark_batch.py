@@ -119,6 +119,9 @@ def _ranked(spark, plan_: BatchPlan, bc):
               .withColumn("rank", F.row_number().over(window).cast("bigint")).drop("_acting"))
     if plan_.options.top is not None:
         ranked = ranked.where(F.col("rank") <= plan_.options.top)
+    if ctx.inline_reasons:  # every scored row is written: score_chunk added the reason codes
+        ranked = ranked.persist()
+        return ranked.select(*OUTPUT_SCHEMA.names), features, ranked
     ranked = ranked.drop("reason_codes").persist()
 
     def reason_batches(batches):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 _skipped: list[str] = []
 
@@ -31,6 +34,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for nodeid in _skipped:
                 reporter.write_line(f"  {nodeid}", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    """A fresh schema in the local PostgreSQL database ``test``, dropped afterwards."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    schema = f"engage_test_{uuid.uuid4().hex[:12]}"
+    for user in dict.fromkeys(("postgres", getpass.getuser())):
+        base = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
+        admin = sa.create_engine(base, connect_args={"connect_timeout": 3})
+        try:
+            with admin.begin() as con:
+                con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+            break
+        except sa.exc.OperationalError:
+            admin.dispose()
+    else:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test, user postgres or current user)")
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as con:
+            con.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")

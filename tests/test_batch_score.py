@@ -314,7 +314,7 @@ def test_decision_log_unreachable(serving_env, tmp_path: Path, monkeypatch) -> N
         raise OSError("database is locked")
 
     with monkeypatch.context() as m:
-        m.setattr("serving.decision_log.DecisionLog._write", refused)
+        m.setattr("serving.servingdb.insert_ignoring_existing", refused)
         result = _score(serving_env.home, "--out", str(out), "--top", "50")
     text = " ".join(result.output.split())
     assert result.exit_code != 0 and "only 0 of its 50 decisions reached the decision log" in text, result.output

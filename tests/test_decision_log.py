@@ -6,6 +6,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -200,3 +201,79 @@ def test_flushing_twice_stores_each_record_once(db) -> None:
         dlog.append(r)
     dlog.flush()
     assert _stored(engine) == 3
+
+
+# -- insert_ignoring_existing: the batch job's bulk path ---------------------------------------------------
+
+
+def _bulk_columns(ids: list[int]) -> dict[str, list]:
+    versions = {"churn": "3"}  # one object for every row, as the batch job passes it
+    return {
+        "decision_id": [f"d{i}" for i in ids],
+        "request_id": ["batch-1"] * len(ids),
+        "exposure_id": [f"x{i}" if i % 3 else None for i in ids],
+        "customer_id": [f"C{i}" for i in ids],
+        "decided_at": [DECIDED] * len(ids),
+        "source": ["batch"] * len(ids),
+        "action": ["retain" if i % 3 else "none" for i in ids],
+        "reason": [None if i % 3 else "holdout" for i in ids],
+        "chosen_offer": ["OFF10" if i % 2 else None for i in ids],
+        "channel": ["email"] * len(ids),
+        "send_at": [datetime(2025, 6, 2, i % 24, tzinfo=UTC) for i in ids],
+        "propensity": [0.25 * (i % 4) for i in ids],
+        "cold_start": [False] * len(ids),
+        "degraded": [False] * len(ids),
+        "holdout": [i % 3 == 0 for i in ids],
+        "feature_timestamp": [DECIDED] * len(ids),
+        "model_versions": [versions] * len(ids),
+        "payload": [{"rank": i, "reasons": ["days_since_last_purchase"], "offers": []} for i in ids],
+    }
+
+
+def _rows(engine: sa.Engine) -> list[dict]:
+    with engine.connect() as con:
+        return [dict(r._mapping) for r in con.execute(sa.select(decisions).order_by(decisions.c.decision_id))]
+
+
+def _bulk_matches_orm_path(url_a: str, url_b: str) -> None:
+    """Rows stored by the bulk path read back exactly as rows stored by SQLAlchemy's own executemany."""
+    from serving.servingdb import insert_ignoring_existing, upsert
+
+    bulk, plain = create_serving_engine(url_a), create_serving_engine(url_b)
+    cols = _bulk_columns(list(range(12)))
+    insert_ignoring_existing(bulk, decisions, cols)
+    records = [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+    with plain.begin() as con:
+        con.execute(upsert(plain, decisions).on_conflict_do_nothing(), records)
+    stored = _rows(bulk)
+    assert stored == _rows(plain) and len(stored) == 12
+    by_id = {r["decision_id"]: r for r in stored}
+    assert by_id["d1"]["decided_at"] == DECIDED and by_id["d1"]["payload"]["rank"] == 1
+    assert by_id["d1"]["model_versions"] == {"churn": "3"} and by_id["d1"]["holdout"] is False
+    assert by_id["d3"]["holdout"] is True and by_id["d3"]["exposure_id"] is None
+    # Existing keys are skipped (a re-run of a batch job), new ones added.
+    insert_ignoring_existing(bulk, decisions, _bulk_columns(list(range(8, 16))))
+    assert len(_rows(bulk)) == 16
+    with pytest.raises(ValueError, match="no values for column"):
+        insert_ignoring_existing(bulk, decisions, {k: v for k, v in cols.items() if k != "payload"})
+    with pytest.raises(ValueError, match="has 11 values"):
+        insert_ignoring_existing(bulk, decisions, {**cols, "source": ["batch"] * 11})
+    assert len(_rows(bulk)) == 16  # refused before writing
+
+
+def test_bulk_insert_sqlite_matches_orm_path(tmp_path: Path) -> None:
+    _bulk_matches_orm_path(f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}")
+
+
+@pytest.mark.needs_service
+def test_bulk_insert_postgres_matches_orm_path(pg_url: str) -> None:
+    other = f"engage_bulk_{uuid.uuid4().hex[:8]}"  # a second schema for the reference path
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as con:
+        con.exec_driver_sql(f'CREATE SCHEMA "{other}"')
+    try:
+        _bulk_matches_orm_path(pg_url, pg_url.rsplit("search_path%3D", 1)[0] + f"search_path%3D{other}")
+    finally:
+        with admin.begin() as con:
+            con.exec_driver_sql(f'DROP SCHEMA "{other}" CASCADE')
+        admin.dispose()

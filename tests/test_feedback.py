@@ -3,10 +3,8 @@ and concurrent writers (threads, processes; SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import getpass
 import multiprocessing
 import random
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -230,30 +228,6 @@ def test_concurrent_processes_store_each_exposure_once_with_merged_flags(db_path
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> str:
-    """A fresh schema in the local PostgreSQL database ``test``, dropped afterwards."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed")
-    schema = f"engage_test_{uuid.uuid4().hex[:12]}"
-    for user in dict.fromkeys(("postgres", getpass.getuser())):
-        base = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
-        admin = sa.create_engine(base, connect_args={"connect_timeout": 3})
-        try:
-            with admin.begin() as con:
-                con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-            break
-        except sa.exc.OperationalError:
-            admin.dispose()
-    else:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test, user postgres or current user)")
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as con:
-            con.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
 
 
 @pytest.mark.needs_service
