@@ -276,6 +276,35 @@ def test_the_world_lives_in_redis_and_postgresql(world):
     assert not (home_feast / "online_store.db").exists() and not (home_feast / "registry.db").exists()
 
 
+def test_one_redis_read_per_customer_returns_what_feast_returns(world, monkeypatch):
+    """The service's Redis path (every view in one HMGET) equals Feast's per-view ``online_read`` and
+    ``get_online_features`` for known customers, and finds no row for an unknown one."""
+    from features.store import open_store
+    from serving.online import OnlineReader
+    from serving.scoring import POLICY_FEATURES
+
+    _prod_env(monkeypatch, world)
+    store = open_store(world.home)
+    reader = OnlineReader(store, ["churn", "next_best_offer", "send_time"], POLICY_FEATURES)
+    assert reader._redis is not None
+    ids = [*_customers(world, 25), "C-never-seen"]
+    fast = reader.read(ids)
+    fast_one = reader.read(ids[:1])  # a single customer: one HMGET without a pipeline
+    reader._redis = None  # Feast's online_read, one view at a time
+    feast_path = reader.read(ids)
+    assert fast.timestamps[:25] == feast_path.timestamps[:25] and all(fast.timestamps[:25])
+    assert fast_one.timestamps == fast.timestamps[:1]
+    for name, column in fast.values.items():
+        assert column[:25] == feast_path.values[name][:25], name
+        assert fast_one.values[name] == column[:1], name
+    assert fast.timestamps[-1] is None and all(column[-1] is None for column in fast.values.values())
+    sdk = store.get_online_features(features=store.get_feature_service("churn"),
+                                    entity_rows=[{"customer_id": c} for c in ids[:5]]).to_dict()
+    for name in ("orders_365d", "days_since_last_purchase", "segment"):
+        if name in sdk:
+            assert sdk[name] == fast.values[name][:5], name
+
+
 def test_serve_two_workers_share_the_stores_and_all_pick_up_a_promotion(world):
     env = {**world.env, "ENGAGE_PROFILE": "production", "ENGAGE_RELOAD_INTERVAL_S": "1"}
     port = _free_port()
