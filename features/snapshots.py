@@ -369,6 +369,19 @@ def data_range(con: duckdb.DuckDBPyConnection) -> tuple[datetime, datetime]:
     return to_utc(first), to_utc(last)
 
 
+def checked_as_of(con: duckdb.DuckDBPyConnection, as_of: datetime | str | None,
+                  error: type[Exception] = SnapshotError) -> datetime:
+    """``as_of`` (default: :func:`default_as_of`) as UTC, raising ``error`` when it is not after the first signup
+    or is after the default (the loaded data say nothing about later times)."""
+    first_signup, last_event = data_range(con)
+    latest = default_as_of(con)
+    t = latest if as_of is None else to_utc(as_of)
+    if t <= first_signup or t > latest:
+        raise error(f"--as-of {t:%Y-%m-%d %H:%M:%S}Z is outside the data "
+                    f"({first_signup:%Y-%m-%d} to {last_event:%Y-%m-%d})")
+    return t
+
+
 def build_snapshots(
     con: duckdb.DuckDBPyConnection,
     home: Path,

@@ -35,8 +35,8 @@ from features.labels import churn_labels
 from features.snapshots import (
     ENTITY,
     SnapshotError,
+    checked_as_of,
     data_range,
-    default_as_of,
     profile_columns,
     snapshot_sql,
     to_utc,
@@ -59,13 +59,7 @@ class MonitorError(ValueError):
 
 
 def resolve_as_of(con, as_of: datetime | str | None) -> datetime:
-    first_signup, last_event = data_range(con)
-    latest = default_as_of(con)
-    t = latest if as_of is None else to_utc(as_of)
-    if t <= first_signup or t > latest:
-        raise MonitorError(f"--as-of {t:%Y-%m-%d %H:%M:%S}Z is outside the data "
-                           f"({first_signup:%Y-%m-%d} to {last_event:%Y-%m-%d})")
-    return t
+    return checked_as_of(con, as_of, MonitorError)
 
 
 def load_champions(client) -> dict[str, Champion]:
