@@ -1,8 +1,9 @@
 """Exact TreeSHAP for LightGBM boosters of small trees, vectorized over rows.
 
 LightGBM's ``predict(pred_contrib=True)`` runs path-dependent TreeSHAP one row at a time: for the churn model
-(hundreds of 7-leaf trees) about half a millisecond per customer, which is most of a nightly batch run over
-a million customers. This module computes the same values another way, fast for many rows at once.
+(a couple of hundred 7-leaf trees) 100-250 us per customer, which would be most of a nightly batch run over
+a million customers. This module computes the same values another way, fast for many rows at once
+(``bench/bench_batch_score.py`` prints both costs).
 
 Path-dependent TreeSHAP explains a tree by the game ``f(S) = sum over leaves l of v_l * prod over the
 features j on l's path of (o_j if j in S else z_j)``, where ``o_j`` is 1 when the row goes the path's way at
