@@ -6,6 +6,7 @@ import getpass
 import os
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -36,28 +37,77 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
+PG_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
+
+
+def _pg_admin(database: str, **engine_args) -> tuple[sa.Engine, str]:
+    """An engine on the local PostgreSQL ``database`` as user postgres or the current user; skips (which fails
+    CI=true) when neither can connect."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    for user in dict.fromkeys(("postgres", getpass.getuser())):
+        engine = sa.create_engine(f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/{database}",
+                                  connect_args={"connect_timeout": 3}, **engine_args)
+        try:
+            with engine.connect():
+                return engine, user
+        except sa.exc.OperationalError:
+            engine.dispose()
+    pytest.skip(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} (database {database}, user postgres or "
+                "current user)")
+
+
 @pytest.fixture(scope="module")
 def pg_url() -> str:
-    """A fresh schema in the local PostgreSQL database ``test``, dropped afterwards."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    """A fresh schema in the local PostgreSQL database ``test`` (an SQLAlchemy URL), dropped afterwards."""
+    admin, user = _pg_admin("test")
     schema = f"engage_test_{uuid.uuid4().hex[:12]}"
-    for user in dict.fromkeys(("postgres", getpass.getuser())):
-        base = f"postgresql+psycopg://{user}@127.0.0.1:5432/test"
-        admin = sa.create_engine(base, connect_args={"connect_timeout": 3})
-        try:
-            with admin.begin() as con:
-                con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-            break
-        except sa.exc.OperationalError:
-            admin.dispose()
-    else:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test, user postgres or current user)")
+    with admin.begin() as con:
+        con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
+        yield f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/test?options=-csearch_path%3D{schema}"
     finally:
         with admin.begin() as con:
             con.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def pg_database():
+    """A fresh PostgreSQL database (``CREATE DATABASE``; ``url`` in the form ENGAGE_POSTGRES_URL takes), dropped
+    after."""
+    admin, user = _pg_admin("postgres", isolation_level="AUTOCOMMIT")
+    name = f"engage_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as con:
+        con.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield SimpleNamespace(user=user, name=name, url=f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}")
+    finally:
+        with admin.connect() as con:
+            con.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def redis_db():
+    """A Redis database number on the shared server that no one else uses (claimed with the marker key
+    ``claim``), flushed after."""
+    redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install 'feast[redis]')")
+    claim = f"engage:test:claim:{uuid.uuid4().hex}"
+    for db in range(15, 0, -1):
+        client = redis.Redis(host=PG_HOST, port=REDIS_PORT, db=db, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            if client.dbsize() == 0 and client.set(claim, "1", nx=True, ex=3 * 3600) and client.dbsize() == 1:
+                break
+        except redis.exceptions.RedisError as exc:
+            pytest.skip(f"Redis is not reachable at {PG_HOST}:{REDIS_PORT}: {exc}")
+        client.close()
+    else:
+        pytest.skip(f"no free Redis database number on {PG_HOST}:{REDIS_PORT} (databases 1-15 are all in use)")
+    try:
+        yield SimpleNamespace(db=db, url=f"redis://{PG_HOST}:{REDIS_PORT}/{db}", client=client, claim=claim.encode())
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +158,7 @@ def served(sim_home: Path, trained_churn, tmp_path_factory: pytest.TempPathFacto
     from types import SimpleNamespace
 
     from engage.config import load_config
-    from features import store as fstore
-    from features.load import connect_warehouse
-    from features.snapshots import profile_columns
+    from tests.helpers import apply_and_materialize
     from training import next_best_offer, send_time
     from training.context import open_context
     from training.registry import log_and_register
@@ -125,13 +173,7 @@ def served(sim_home: Path, trained_churn, tmp_path_factory: pytest.TempPathFacto
         with open_context(sim_home, load_config()) as c:
             for module in (next_best_offer, send_time):
                 log_and_register(module.train(c), c)
-        store = fstore.open_store(sim_home)
-        con = connect_warehouse(sim_home, read_only=True)
-        try:
-            fstore.apply(store, sim_home, profile_columns(con), load_config().features.snapshot_ttl_days)
-        finally:
-            con.close()
-        fstore.materialize(store, sim_home)
+        apply_and_materialize(sim_home)
     return SimpleNamespace(home=sim_home, registry_db=db, artifacts=artifacts)
 
 

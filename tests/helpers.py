@@ -1,4 +1,4 @@
-"""Small helpers shared by tests: load a contract folder and build snapshots with closed connections."""
+"""Small helpers shared by tests: load a contract folder, build snapshots, apply and materialize Feast."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def load(src: Path, home: Path):
 def build(home: Path, times=None) -> list[SnapshotResult]:
     with contextlib.closing(connect_warehouse(home, read_only=True)) as con:
         return build_snapshots(con, home, load_config().features, times)
+
+
+def apply_and_materialize(home: Path):
+    """``engage features apply`` then ``materialize`` for ``home`` (the profile from the environment); the store."""
+    from features import store as fstore
+    from features.snapshots import profile_columns
+
+    store = fstore.open_store(home)
+    with contextlib.closing(connect_warehouse(home, read_only=True)) as con:
+        fstore.apply(store, home, profile_columns(con), load_config().features.snapshot_ttl_days)
+    fstore.materialize(store, home)
+    return store
 
 
 def frame(result: SnapshotResult) -> pd.DataFrame:

@@ -13,7 +13,6 @@ import re
 import shutil
 import sqlite3
 import stat
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +28,7 @@ from typer.testing import CliRunner
 
 from engage.cli import app as cli_app
 from tests.factories import write_contract
+from tests.helpers import apply_and_materialize
 
 NOW = "2026-01-05T12:00:00Z"
 API_KEY = "forget-test-api-key-0123456789"
@@ -406,55 +406,6 @@ def test_ids_from_a_file_and_text_files_it_does_not_edit(tiny, tmp_path):
 # --- the production profile: Redis online store ----------------------------------------------------------
 
 
-@pytest.fixture
-def redis_db():
-    """A Redis database number on 127.0.0.1:6379 that nobody uses (claimed with a marker key), flushed after."""
-    import redis
-
-    claim = f"engage:test:claim:{uuid.uuid4().hex}"
-    # Without the server the test skips with the reason, like tests/test_production.py (a skip fails CI=true).
-    for db in range(15, 0, -1):
-        client = redis.Redis(host="127.0.0.1", port=6379, db=db, socket_connect_timeout=2, socket_timeout=5)
-        try:
-            if client.dbsize() == 0 and client.set(claim, "1", nx=True, ex=3600) and client.dbsize() == 1:
-                break
-        except redis.ConnectionError as exc:
-            pytest.skip(f"Redis is not reachable at 127.0.0.1:6379: {exc}")
-        client.close()
-    else:
-        pytest.skip("no free Redis database number on 127.0.0.1:6379 (databases 1-15 are all in use)")
-    try:
-        yield SimpleNamespace(url=f"redis://127.0.0.1:6379/{db}", client=client, claim=claim.encode())
-    finally:
-        client.flushdb()
-        client.close()
-
-
-@pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database (Feast's SQL registry and the serving database), dropped after."""
-    import getpass
-
-    name = f"engage_forget_{uuid.uuid4().hex[:10]}"
-    for user in dict.fromkeys(("postgres", getpass.getuser())):
-        admin = sa.create_engine(f"postgresql+psycopg://{user}@127.0.0.1:5432/postgres",
-                                 isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        try:
-            with admin.connect() as con:
-                con.exec_driver_sql(f'CREATE DATABASE "{name}"')
-            break
-        except sa.exc.OperationalError:
-            admin.dispose()
-    else:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres or current user, CREATEDB)")
-    try:
-        yield f"postgresql://{user}@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as con:
-            con.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
 def _redis_customers(client, claim: bytes) -> set[str]:
     """The customer of every key in the db: Feast's key is the serialized entity key + the project name."""
     from feast.infra.key_encoding_utils import deserialize_entity_key
@@ -471,11 +422,8 @@ def _redis_customers(client, claim: bytes) -> set[str]:
 
 
 @pytest.mark.needs_service
-def test_production_profile_removes_their_redis_keys(served, redis_db, pg_url, tmp_path, monkeypatch):
-    from engage.config import load_config
-    from features import store as fstore
-    from features.load import connect_warehouse
-    from features.snapshots import profile_columns, snapshot_file, snapshot_times_on_disk
+def test_production_profile_removes_their_redis_keys(served, redis_db, pg_database, tmp_path, monkeypatch):
+    from features.snapshots import snapshot_file, snapshot_times_on_disk
     from serving.servingdb import create_serving_engine, feedback
 
     home = tmp_path / "home"
@@ -488,20 +436,14 @@ def test_production_profile_removes_their_redis_keys(served, redis_db, pg_url, t
     customers = snap.column("customer_id").to_pylist()
     victims, others = customers[:2], customers[2:]
     for k, v in {"ENGAGE_HOME": str(home), "ENGAGE_PROFILE": "production", "ENGAGE_REDIS_URL": redis_db.url,
-                 "ENGAGE_POSTGRES_URL": pg_url}.items():
+                 "ENGAGE_POSTGRES_URL": pg_database.url}.items():
         monkeypatch.setenv(k, v)
     for name in ("ENGAGE_SERVING_DB_URL", "ENGAGE_SUPPRESSION_KEY"):
         monkeypatch.delenv(name, raising=False)
 
-    store = fstore.open_store(home)
-    con = connect_warehouse(home, read_only=True)
-    try:
-        fstore.apply(store, home, profile_columns(con), load_config().features.snapshot_ttl_days)
-    finally:
-        con.close()
-    fstore.materialize(store, home)
+    apply_and_materialize(home)
     assert _redis_customers(redis_db.client, redis_db.claim) == set(customers)
-    engine = create_serving_engine(f"{pg_url.replace('postgresql://', 'postgresql+psycopg://')}")
+    engine = create_serving_engine(pg_database.url.replace('postgresql://', 'postgresql+psycopg://'))
     try:
         with engine.begin() as c:
             c.execute(feedback.insert(), [{"exposure_id": f"x-{cid}", "customer_id": cid, "sent": True,

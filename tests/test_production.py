@@ -9,7 +9,6 @@ started by the test on another port. Without the servers these tests skip (which
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import shutil
@@ -52,57 +51,6 @@ def _wait(predicate, timeout_s: float, step_s: float = 0.2, what: str = "conditi
 
 
 # --- servers -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_database():
-    """A fresh PostgreSQL database (``CREATE DATABASE`` as user postgres or the current user), dropped after."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed")
-    name = f"engage_test_{uuid.uuid4().hex[:12]}"
-    admin = None
-    for user in dict.fromkeys(("postgres", getpass.getuser())):
-        engine = sa.create_engine(f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/postgres",
-                                  isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-        try:
-            with engine.connect() as con:
-                con.exec_driver_sql(f'CREATE DATABASE "{name}"')
-            admin = (engine, user)
-            break
-        except sa.exc.OperationalError:
-            engine.dispose()
-    if admin is None:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} (user postgres or current user, "
-                    "CREATEDB needed)")
-    engine, user = admin
-    try:
-        yield SimpleNamespace(user=user, name=name, url=f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}")
-    finally:
-        with engine.connect() as con:
-            con.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def redis_db():
-    """A Redis database number on the shared server that no one else uses (claimed with a marker key),
-    flushed after."""
-    redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install 'feast[redis]')")
-    claim = f"engage:test:claim:{uuid.uuid4().hex}"
-    for db in range(15, 0, -1):
-        client = redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db, socket_connect_timeout=2, socket_timeout=5)
-        try:
-            if client.dbsize() == 0 and client.set(claim, "1", nx=True, ex=3 * 3600) and client.dbsize() == 1:
-                break
-        except redis.exceptions.RedisError as exc:
-            pytest.skip(f"Redis is not reachable at 127.0.0.1:{REDIS_PORT}: {exc}")
-        client.close()
-    else:
-        pytest.skip("no free Redis database number on 127.0.0.1:6379 (databases 1-15 are all in use)")
-    try:
-        yield SimpleNamespace(db=db, url=f"redis://127.0.0.1:{REDIS_PORT}/{db}", client=client)
-    finally:
-        client.flushdb()
-        client.close()
 
 
 class OwnRedis:
