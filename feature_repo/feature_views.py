@@ -1,12 +1,13 @@
 from datetime import timedelta
 
 from feast import FeatureView, Field, FileSource
-from feast.types import Bool, Float64, Int64, String
+from feast.types import Array, Bool, Float64, Int64, String
 
 from feature_repo.entities import customer
 from features.catalog import Feature
 
-_FEAST_TYPES = {"int": Int64, "float": Float64, "bool": Bool, "string": String}
+_FEAST_TYPES = {"int": Int64, "float": Float64, "bool": Bool, "string": String,
+                "int_list": Array(Int64), "float_list": Array(Float64)}
 
 
 def feature_view(name: str, features: list[Feature], source: FileSource, ttl_days: int) -> FeatureView:

@@ -2,14 +2,20 @@
 
 The DuckDB snapshot SQL (``snapshots.py``) and the Feast definitions (``feature_repo/``) are both
 generated from these lists, so a feature cannot exist in one and be missing from the other.
+
+Names come in two forms. *Feature names* are what Feast stores and serves (a list feature such as
+``email_hour_shares`` is one field). *Model columns* are what the models read: each list feature spread
+into its element columns (``email_hour_00`` ... ``email_hour_23``). :func:`model_columns` and
+:func:`stored_features` convert between them; ``features/list_features.py`` spreads the values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-DType = Literal["int", "float", "bool", "string"]
+DType = Literal["int", "float", "bool", "string", "int_list", "float_list"]
 
 WINDOWS = (7, 30, 90)  # engagement windows, days
 MONEY_WINDOWS = (30, 90, 365)  # RFM windows, days
@@ -35,10 +41,14 @@ CONSENT_CHANNELS = ("email", "sms", "push")
 
 @dataclass(frozen=True)
 class Feature:
+    """One feature of a view. A list feature (``int_list``, ``float_list``) is one Feast field (one value in
+    the online store) that models read as ``len(elements)`` columns: position ``k`` is column ``elements[k]``."""
+
     name: str
     dtype: DType
     view: str
     doc: str = ""
+    elements: tuple[str, ...] = ()
 
 
 def _rfm() -> list[Feature]:
@@ -129,25 +139,21 @@ def _offer_history() -> list[Feature]:
 
 
 def _hour_profile() -> list[Feature]:
+    """Per channel: engagement count, and three 24-hour vectors (one online field each instead of 24)."""
     v = "customer_hour_profile"
     out = []
     for ch in HOUR_PROFILE_CHANNELS:
         out.append(Feature(f"{ch}_engagements_365d", "int", v))
-        out += [
-            Feature(f"{ch}_hour_{h:02d}", "float", v, f"share of {ch} engagement at local hour {h}")
-            for h in range(24)
-        ]
+        out.append(Feature(f"{ch}_hour_shares", "float_list", v,
+                           f"share of {ch} engagement at each local hour 0-23",
+                           tuple(f"{ch}_hour_{h:02d}" for h in range(24))))
     for ch in HOUR_PROFILE_CHANNELS:  # the campaign log: every send is a trial at a known local hour
-        out += [
-            Feature(f"{ch}_sent_hour_{h:02d}", "int", v,
-                    f"{ch} messages sent at local hour {h}, 1-365 days before T (outcome known)")
-            for h in range(24)
-        ]
-        out += [
-            Feature(f"{ch}_opened_hour_{h:02d}", "int", v,
-                    f"of the {ch} messages sent at local hour {h}, those opened within 24 h (before T)")
-            for h in range(24)
-        ]
+        out.append(Feature(f"{ch}_sent_by_hour", "int_list", v,
+                           f"{ch} messages sent at each local hour 0-23, 1-365 days before T (outcome known)",
+                           tuple(f"{ch}_sent_hour_{h:02d}" for h in range(24))))
+        out.append(Feature(f"{ch}_opened_by_hour", "int_list", v,
+                           f"of the {ch} messages sent at each local hour, those opened within 24 h (before T)",
+                           tuple(f"{ch}_opened_hour_{h:02d}" for h in range(24))))
     return out
 
 
@@ -208,3 +214,19 @@ def service_features(service: str, profile_columns: dict[str, str] | None = None
         raise KeyError(f"unknown feature service '{service}' (one of {', '.join(FEATURE_SERVICES)})")
     views = all_views(profile_columns)
     return [f.name for v in FEATURE_SERVICES[service] for f in views[v]]
+
+
+# List feature -> its element columns, and element column -> its list feature.
+LIST_FEATURES: dict[str, tuple[str, ...]] = {f.name: f.elements for fs in VIEWS.values() for f in fs if f.elements}
+INT_LISTS = frozenset(f.name for fs in VIEWS.values() for f in fs if f.dtype == "int_list")
+_LIST_OF: dict[str, str] = {e: name for name, elements in LIST_FEATURES.items() for e in elements}
+
+
+def model_columns(features: Iterable[str]) -> list[str]:
+    """Feature names as the models read them: each list feature replaced by its element columns."""
+    return [col for f in features for col in LIST_FEATURES.get(f, (f,))]
+
+
+def stored_features(columns: Iterable[str]) -> list[str]:
+    """Model columns -> the features that hold them (a list feature once, where its first element was)."""
+    return list(dict.fromkeys(_LIST_OF.get(c, c) for c in columns))

@@ -253,15 +253,18 @@ def snapshot_sql(as_of: datetime, cfg: FeatureConfig, profile_columns: dict[str,
             f"coalesce(x.offers_{k}_sent_365d, 0) AS offers_{k}_sent_365d",
             f"coalesce(r.offers_{k}_redeemed_365d, 0) AS offers_{k}_redeemed_365d",
         ]
+    # The hour vectors are list features: one column (and one online field) of 24 values each.
+    def vector(cells: list[str], cast: str, name: str) -> str:
+        return f"[{', '.join(cells)}]::{cast}[] AS {name}"
+
     for ch in HOUR_PROFILE_CHANNELS:
-        derived += [f"coalesce(xh.{what}['{ch}:{hr}'], 0)::BIGINT AS {ch}_{what}_hour_{hr:02d}"
-                    for what in ("sent", "opened") for hr in range(24)]
+        for what in ("sent", "opened"):
+            cells = [f"coalesce(xh.{what}['{ch}:{hr}'], 0)" for hr in range(24)]
+            derived.append(vector(cells, "BIGINT", f"{ch}_{what}_by_hour"))
     for ch in HOUR_PROFILE_CHANNELS:
         derived.append(f"coalesce(h.{ch}_engagements_365d, 0)::BIGINT AS {ch}_engagements_365d")
-        derived += [
-            f"coalesce(h.n_at['{ch}:{hr}'] / nullif(h.{ch}_engagements_365d, 0), 0)::DOUBLE AS {ch}_hour_{hr:02d}"
-            for hr in range(24)
-        ]
+        share = f"coalesce(h.n_at['{ch}:{{hr}}'] / nullif(h.{ch}_engagements_365d, 0), 0)"
+        derived.append(vector([share.format(hr=hr) for hr in range(24)], "DOUBLE", f"{ch}_hour_shares"))
     derived += [
         "c.timezone AS timezone",
         f"(epoch_us(timezone(c.timezone, {t}::TIMESTAMPTZ)) - epoch_us({t})) / 3600e6 AS utc_offset_hours",

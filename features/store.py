@@ -18,6 +18,7 @@ from feast.repo_config import RepoConfig
 from engage import profile
 from engage.settings import FEATURE_REPO_DIR
 from feature_repo.definitions import definitions
+from features.list_features import expand_frame
 from features.snapshots import ENTITY, TIMESTAMP_FIELD, snapshot_file, snapshot_times_on_disk
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,21 @@ def materialize(store: FeatureStore, home: Path) -> tuple[datetime, datetime]:
 
 
 def online_features(store: FeatureStore, service: str, customer_ids: Sequence[str]) -> pd.DataFrame:
-    """Online feature values of one feature service for some customers (one store read)."""
+    """Online feature values of one feature service for some customers (one store read), list features
+    spread into their model columns."""
     fs = store.get_feature_service(service)
     resp = store.get_online_features(features=fs, entity_rows=[{ENTITY: c} for c in customer_ids])
-    return resp.to_df()
+    return expand_frame(resp.to_df())
 
 
 def historical_features(store: FeatureStore, service: str, entity_df: pd.DataFrame) -> pd.DataFrame:
-    """Point-in-time join of a feature service onto ``entity_df`` (``customer_id``, ``event_timestamp``)."""
+    """Point-in-time join of a feature service onto ``entity_df`` (``customer_id``, ``event_timestamp``), list
+    features spread into their model columns (``features/list_features.py``)."""
     missing = {ENTITY, TIMESTAMP_FIELD} - set(entity_df.columns)
     if missing:
         raise ValueError(f"entity_df needs columns {sorted(missing)}")
     fs = store.get_feature_service(service)
-    return store.get_historical_features(entity_df=entity_df, features=fs).to_df()
+    return expand_frame(store.get_historical_features(entity_df=entity_df, features=fs).to_df())
 
 
 def fast_failing_online_store(config: RepoConfig):

@@ -104,6 +104,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.catalog import LIST_FEATURES
+from features.list_features import list_matrix
 from features.segments import SEGMENTS
 from features.snapshots import (
     ENTITY,
@@ -394,7 +396,7 @@ def input_columns(scorer: Scorer, available: Iterable[str]) -> list[str]:
     """The snapshot columns the scorer and the policy read (those the file has)."""
     wanted = {ENTITY, *_SCORER_COLUMNS}
     for plan_ in scorer.plans.values():
-        wanted.update(plan_.columns)
+        wanted.update(plan_.stored)
     for names in POLICY_FEATURES.values():
         wanted.update(names)
     return [c for c in available if c in wanted]
@@ -459,6 +461,8 @@ def chunk_values(batch: pa.RecordBatch | pa.Table) -> dict[str, object]:
         t = col.type
         if pa.types.is_integer(t) or pa.types.is_floating(t):
             values[name] = col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        elif name in LIST_FEATURES:  # an (n, width) array
+            values[name] = list_matrix(name, col)
         else:  # strings and booleans: python values (consent must be a real False, categories str)
             values[name] = col.to_pylist()
     return values

@@ -75,8 +75,7 @@ class OnlineReader:
             wanted.setdefault(f"{view}_fv", set()).update(n for n in names if n in known)
         self.views = [(store.get_feature_view(name), sorted(names)) for name, names in sorted(wanted.items())]
         self.feature_names = [n for _, names in self.views for n in names]
-        hash_fields = sum(len(v.features) + 1 for v in store.list_feature_views())  # + one _ts field per view
-        _warn_about_listpack_hashes(self.online_store, self.config, hash_fields)
+        _warn_about_listpack_hashes(self.online_store, self.config)
         self._redis = _RedisHashReader(self.online_store, self.config, self.views) if _plain_redis(self.config) \
             else None
 
@@ -181,22 +180,30 @@ class _RedisHashReader:
         return values, stamps
 
 
-def _warn_about_listpack_hashes(online_store, config, hash_fields: int) -> None:
-    """Warn when Redis would keep each customer's hash as a listpack, where a field lookup is a linear scan.
+def _warn_about_listpack_hashes(online_store, config) -> None:
+    """Warn when Redis keeps the customers' hashes as listpacks, where a field lookup is a linear scan.
 
-    Feast keeps one Redis hash per customer holding every feature view's fields. Below
-    ``hash-max-listpack-entries`` (Redis's default is 128) Redis stores a hash as a listpack, so an HMGET of
-    all of them costs fields x fields comparisons: about 10 ms per customer at 390 fields, against well
-    under 1 ms as a hash table. Managed Redis may refuse CONFIG GET; then nothing is said.
+    Feast keeps one Redis hash per customer holding every feature view's fields (about 110). Redis stores a
+    hash as a listpack while it has at most ``hash-max-listpack-entries`` fields and no value longer than
+    ``hash-max-listpack-value`` bytes; an HMGET of every field then costs fields x fields comparisons. The
+    hour vectors (24 doubles, about 200 bytes) exceed Redis's default value limit (64), so with default
+    settings every customer's hash is a hash table. This looks at one stored hash (a random key of the
+    store's database; nothing is said before the first materialization). Managed Redis may refuse
+    OBJECT; then nothing is said either.
     """
     if type(online_store).__name__ != "RedisOnlineStore":
         return
     try:
         client = online_store._get_client(config.online_store)
-        limit = int(client.config_get("hash-max-listpack-entries").get("hash-max-listpack-entries", 0))
+        key = client.randomkey()
+        encoding = client.object("encoding", key) if key is not None else None
+        limits = client.config_get("hash-max-listpack-*")
     except Exception:  # noqa: BLE001 - an advisory check must never stop the service
         return
-    if limit >= hash_fields:
-        log.warning("Redis hash-max-listpack-entries is %d and each customer's hash has %d fields: Redis keeps them "
-                    "as listpacks and every read scans them linearly (about 10x slower). Set it below %d (Redis's "
-                    "default is 128) and re-run `engage features materialize`.", limit, hash_fields, hash_fields)
+    if isinstance(encoding, bytes):
+        encoding = encoding.decode()
+    if encoding in ("listpack", "ziplist"):
+        log.warning("Redis keeps the feature hashes as %ss (%s): every read scans them linearly (about 10x "
+                    "slower). Lower hash-max-listpack-entries or hash-max-listpack-value (Redis's defaults: 128 "
+                    "and 64), FLUSHDB the store's database and re-run `engage features materialize`.",
+                    encoding, ", ".join(f"{k} {v}" for k, v in sorted(limits.items())))

@@ -15,6 +15,8 @@ from datetime import datetime
 
 import numpy as np
 
+from features.catalog import LIST_FEATURES, stored_features
+from features.list_features import list_matrix
 from serving.types import CHANNELS, CustomerScores
 from training import ope
 from training.matrix import FeatureMatrix
@@ -55,15 +57,36 @@ def column(values: Mapping[str, Sequence], name: str, n: int) -> np.ndarray:
 
 
 class MatrixPlan:
-    """``FeatureMatrix.transform`` for column lists: same columns, order and category codes."""
+    """``FeatureMatrix.transform`` for column lists: same columns, order and category codes.
+
+    ``values`` holds features by their stored names; a list feature (``features.catalog.LIST_FEATURES``)
+    fills its element columns in one step, whether it arrives as a list per customer (the online read) or
+    as an (n, width) array (batch scoring). An element column given by its own name is read as is.
+    """
 
     def __init__(self, matrix: FeatureMatrix):
         self.columns = list(matrix.columns_)
         self.codes = {c: {v: float(i) for i, v in enumerate(cats)} for c, cats in matrix.categories_.items()}
+        where = {name: j for j, name in enumerate(self.columns)}
+        # list feature -> (positions in the list, matrix columns) of its elements this matrix reads
+        self.lists: dict[str, tuple[list[int], list[int]]] = {}
+        for name, elements in LIST_FEATURES.items():
+            pairs = [(k, where[e]) for k, e in enumerate(elements) if e in where]
+            if pairs:
+                self.lists[name] = ([k for k, _ in pairs], [j for _, j in pairs])
+        self.stored = stored_features(self.columns)  # the feature names to read
 
     def build(self, values: Mapping[str, Sequence], n: int) -> np.ndarray:
         out = np.empty((n, len(self.columns)), dtype=np.float32)
+        filled = set()
+        for name, (positions, cols) in self.lists.items():
+            col = values.get(name)
+            if col is not None:
+                out[:, cols] = list_matrix(name, col)[:, positions]
+                filled.update(cols)
         for j, name in enumerate(self.columns):
+            if j in filled:
+                continue
             codes = self.codes.get(name)
             if codes is None:
                 out[:, j] = column(values, name, n)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from features import store as fstore
-from features.catalog import FEATURE_SERVICES, all_views
+from features.catalog import FEATURE_SERVICES, all_views, model_columns
+from features.list_features import expand_frame
 from tests.factories import write_contract
 from tests.helpers import build, load
 
@@ -30,8 +31,9 @@ def applied(tmp_path):
 
 
 def _service_features(service: str) -> list[str]:
+    """The service's model columns (list features spread, as ``historical_features`` returns them)."""
     views = all_views(PROFILE)
-    return [f.name for v in FEATURE_SERVICES[service] for f in views[v]]
+    return model_columns(f.name for v in FEATURE_SERVICES[service] for f in views[v])
 
 
 def _assert_same(actual: pd.DataFrame, expected: pd.DataFrame, columns: list[str]) -> None:
@@ -48,7 +50,7 @@ def _assert_same(actual: pd.DataFrame, expected: pd.DataFrame, columns: list[str
 @pytest.mark.parametrize("service", sorted(FEATURE_SERVICES))
 def test_historical_features_equal_duckdb_snapshots(applied, service):
     home, store, results = applied
-    snaps = pd.concat([pd.read_parquet(r.path) for r in results], ignore_index=True)
+    snaps = expand_frame(pd.concat([pd.read_parquet(r.path) for r in results], ignore_index=True))
     entity_df = snaps[["customer_id", "event_timestamp"]].copy()
 
     hist = fstore.historical_features(store, service, entity_df)
@@ -71,7 +73,7 @@ def test_historical_lookup_between_snapshots_takes_the_earlier_one(applied):
 def test_online_features_after_materialize_equal_latest_snapshot(applied):
     home, store, results = applied
     fstore.materialize(store, home)
-    latest = pd.read_parquet(results[-1].path).sort_values("customer_id").reset_index(drop=True)
+    latest = expand_frame(pd.read_parquet(results[-1].path).sort_values("customer_id").reset_index(drop=True))
 
     for service in FEATURE_SERVICES:
         online = fstore.online_features(store, service, latest["customer_id"].tolist())

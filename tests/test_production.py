@@ -496,12 +496,22 @@ def test_a_warning_names_redis_listpack_hashes_that_make_every_read_slow(tmp_pat
     try:
         client = redis.Redis(port=own.port)
         config = SimpleNamespace(online_store=RedisOnlineStoreConfig(connection_string=f"127.0.0.1:{own.port}"))
-        for limit, warned in ((512, True), (128, False)):
-            client.config_set("hash-max-listpack-entries", limit)
+        hour_vector = b"x" * 200  # a serialized list of 24 doubles is about this long
+        fields = {f"f{i}".encode(): b"123456789" for i in range(110)}
+        for entries, value, warned in ((512, 64, False), (512, 1024, True), (64, 1024, False)):
+            client.flushdb()
+            client.config_set("hash-max-listpack-entries", entries)
+            client.config_set("hash-max-listpack-value", value)
+            client.hset("customer", mapping={**fields, b"hours": hour_vector})
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="serving.online"):
-                _warn_about_listpack_hashes(RedisOnlineStore(), config, 390)
-            assert ("hash-max-listpack-entries is 512" in caplog.text) is warned, caplog.text
+                _warn_about_listpack_hashes(RedisOnlineStore(), config)
+            assert ("feature hashes as listpacks" in caplog.text) is warned, (entries, value, caplog.text)
+        client.flushdb()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="serving.online"):
+            _warn_about_listpack_hashes(RedisOnlineStore(), config)  # nothing materialized: nothing to say
+        assert caplog.text == ""
         client.close()
     finally:
         own.stop()

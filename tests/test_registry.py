@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from features.catalog import model_columns
 from training import churn, registry
 from training.base import GateRule, TrainingError
 
@@ -42,7 +43,7 @@ def test_first_version_is_champion_with_signature_and_features(trained, mlflow_u
     info = mlflow.models.get_model_info("models:/churn@champion")
     assert info.signature is not None and info.saved_input_example_info is not None
     loaded = mlflow.pyfunc.load_model("models:/churn@champion")
-    rows = result.holdout[result.features].head(3).reset_index(drop=True)
+    rows = result.holdout[model_columns(result.features)].head(3).reset_index(drop=True)
     ints = rows.select_dtypes(include=["integer", "bool"]).columns
     rows[ints] = rows[ints].astype("float64")  # the signature's contract: numeric features are doubles
     assert len(loaded.predict(rows)) == 3

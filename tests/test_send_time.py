@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from engage.config import load_config
-from features.catalog import HOUR_PROFILE_CHANNELS
+from features.catalog import HOUR_PROFILE_CHANNELS, model_columns
 from features.load import ingest
 from tests.factories import write_contract
 from training import send_time
@@ -36,7 +36,7 @@ def trained(sim_home):
 
 def _blank_rows(result, channels) -> pd.DataFrame:
     """Feature rows of a customer with no engagement on any channel and no known group."""
-    row = result.holdout[result.features].iloc[[0]].copy()
+    row = result.holdout[model_columns(result.features)].iloc[[0]].copy()
     for ch in HOUR_PROFILE_CHANNELS:
         row[f"{ch}_engagements_365d"] = 0
         row[[f"{ch}_hour_{h:02d}" for h in range(24)]] = 0.0

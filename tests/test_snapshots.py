@@ -35,8 +35,9 @@ def test_snapshot_values_match_hand_computed(home):
     assert c1.orders_90d == 2 and c1.revenue_90d == pytest.approx(100.0)
     assert c1.days_since_last_purchase == pytest.approx(6 + 11 / 24)  # May 25 13:00 -> Jun 1 00:00
     assert c1.avg_order_value_365d == pytest.approx(50.0)
-    assert c1.email_hour_19 == pytest.approx(1.0)  # 23:30 UTC is 19:30 in New York (EDT)
-    assert c2.in_app_hour_10 == pytest.approx(1.0)  # 01:00 UTC is 10:00 in Tokyo
+    assert c1.email_hour_shares[19] == pytest.approx(1.0)  # 23:30 UTC is 19:30 in New York (EDT)
+    assert c1.email_hour_shares.sum() == pytest.approx(1.0) and len(c1.email_hour_shares) == 24
+    assert c2.in_app_hour_shares[10] == pytest.approx(1.0)  # 01:00 UTC is 10:00 in Tokyo
     assert c1.utc_offset_hours == -4 and c2.utc_offset_hours == 9
     assert (c1.email_consent, c1.sms_consent, c1.push_consent) == (True, False, False)
     assert c1.offers_discount_sent_365d == 1 and c1.offers_discount_redeemed_365d == 1
@@ -60,8 +61,9 @@ def test_snapshot_values_match_hand_computed(home):
     assert c1.redemption_share_365d == pytest.approx(0.5)
     assert c1.offer_uplift_365d == pytest.approx(1.1 / 2 - 0.1)
     assert c2.control_sends_matured_365d == 0  # sent 12 hours before T: its conversion is not known yet
-    assert (c1.email_sent_hour_08, c1.email_opened_hour_08) == (1, 1)  # 12:00 UTC is 08:00 in New York
-    assert c1.email_sent_hour_12 == 0 and c2.push_sent_hour_21 == 0
+    assert (c1.email_sent_by_hour[8], c1.email_opened_by_hour[8]) == (1, 1)  # 12:00 UTC is 08:00 in New York
+    assert c1.email_sent_by_hour.sum() == 1 and c2.push_sent_by_hour.sum() == 0
+    assert list(c2.sms_hour_shares) == [0.0] * 24  # no sms engagement: all zero, not missing
 
 
 def test_no_feature_sees_rows_at_or_after_t(home, tmp_path):

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from features.catalog import service_features
+from features.catalog import model_columns, service_features
 from features.labels import churn_labels
 from features.snapshots import profile_columns, to_utc
 from features.store import historical_features
@@ -197,7 +197,7 @@ def train(ctx: TrainContext) -> TrainResult:
 
     features = service_features(SERVICE, profile_columns(ctx.con))
     train_full = with_btyd(train_df, ctx.horizon)
-    matrix = FeatureMatrix(features + BTYD_FEATURES).fit(train_full)
+    matrix = FeatureMatrix(model_columns(features) + BTYD_FEATURES).fit(train_full)
     X = matrix.transform(train_full)
     weights = _recency_weights(train_df["event_timestamp"].reset_index(drop=True), tcfg.recency_half_life_days)
     fit_idx, val_idx = _split_train(train_df.reset_index(drop=True), tcfg.seed)
@@ -250,7 +250,7 @@ def train(ctx: TrainContext) -> TrainResult:
         out_plots.append(plots.roc_plot(truth_scores["y"], {"lightgbm": truth_scores["model"],
                                                             "oracle (true probability)": truth_scores["oracle"]},
                                         w / "churn_roc_vs_oracle.png", "ROC at truth_at: model vs oracle"))
-    example = hold_df[features].head(5).reset_index(drop=True)
+    example = hold_df[model_columns(features)].head(5).reset_index(drop=True)
     return TrainResult(
         model_name=MODEL_NAME,
         feature_service=SERVICE,

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from features.catalog import HOUR_PROFILE_CHANNELS
+from features.catalog import HOUR_PROFILE_CHANNELS, model_columns, stored_features
 from features.labels import exposure_labels
+from features.list_features import expand_frame
 from features.snapshots import (
     ENTITY,
     TIMESTAMP_FIELD,
@@ -192,8 +193,8 @@ def snapshot_rows(home: Path, con, cfg, times: Sequence[datetime], columns: Sequ
     for t in times:
         path = snapshot_file(home, t)
         available = set(pq.read_schema(path).names)
-        wanted = [c for c in dict.fromkeys([ENTITY, *columns]) if c in available]
-        frame = pq.read_table(path, columns=wanted).to_pandas()
+        wanted = [c for c in dict.fromkeys([ENTITY, *stored_features(columns)]) if c in available]
+        frame = expand_frame(pq.read_table(path, columns=wanted).to_pandas())
         if len(frame) > per_file:
             frame = frame.iloc[np.sort(rng.choice(len(frame), per_file, replace=False))]
         parts.append(frame)
@@ -202,7 +203,7 @@ def snapshot_rows(home: Path, con, cfg, times: Sequence[datetime], columns: Sequ
 
 def profile(name: str, model, features: Sequence[str], rows: pd.DataFrame, source: dict) -> dict:
     """The reference profile of ``model`` over ``rows`` (features and scores), with where the rows came from."""
-    feats = [f for f in features if f not in (ENTITY, TIMESTAMP_FIELD)]
+    feats = [f for f in model_columns(features) if f not in (ENTITY, TIMESTAMP_FIELD)]
     frame = rows.reindex(columns=feats)
     scores = model_scores(name, model, rows) if len(rows) else {}
     return {"version": PROFILE_VERSION, "model": name, "rows": len(rows), **source,

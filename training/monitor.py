@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 from sklearn.metrics import brier_score_loss
 
 from engage.config import EngageConfig
+from features.catalog import stored_features
 from features.labels import churn_labels
+from features.list_features import expand_frame
 from features.snapshots import (
     ENTITY,
     SnapshotError,
@@ -116,8 +118,9 @@ def snapshot_frame(con, cfg: EngageConfig, t: datetime, columns: list[str]) -> p
     con.execute("SET TimeZone = 'UTC'")
     sql = snapshot_sql(t, cfg.features, profile_columns(con))
     available = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM ({sql})").fetchall()}  # binds, no run
-    names = ", ".join('"' + c.replace('"', '""') + '"' for c in dict.fromkeys([ENTITY, *columns]) if c in available)
-    return con.execute(f"SELECT {names} FROM ({sql})").df()
+    wanted = dict.fromkeys([ENTITY, *stored_features(columns)])
+    names = ", ".join('"' + c.replace('"', '""') + '"' for c in wanted if c in available)
+    return expand_frame(con.execute(f"SELECT {names} FROM ({sql})").df())
 
 
 # -- calibration -------------------------------------------------------------------------------------------
@@ -182,7 +185,8 @@ def run_monitor(home: Path, cfg: EngageConfig, as_of: datetime | str | None = No
         except BatchError as exc:
             raise MonitorError(str(exc)) from exc
         wanted = {ENTITY, *drift.SCORING_COLUMNS, *(f for c in champions.values() for f in c.features)}
-        current = pq.read_table(path, columns=[c for c in pq.read_schema(path).names if c in wanted]).to_pandas()
+        current = expand_frame(pq.read_table(path, columns=[c for c in pq.read_schema(path).names if c in wanted])
+                               .to_pandas())
         result = MonitorResult(as_of, len(current), [])
         for champ in champions.values():
             step(f"{champ.name} v{champ.version}: reference and drift")

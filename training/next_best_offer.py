@@ -17,7 +17,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from features.catalog import service_features
+from features.catalog import model_columns, service_features
 from features.snapshots import profile_columns, to_utc
 from features.store import historical_features
 from training import ope
@@ -180,7 +180,7 @@ def fit_model(train_df: pd.DataFrame, features: list[str], offers: pd.DataFrame,
     rows = offer.isin(arms).to_numpy()
     train_df, y = train_df[rows].reset_index(drop=True), y[rows].astype(float)
     arm = offer[rows].map({a: k for k, a in enumerate(arms)}).to_numpy(int)
-    matrix = FeatureMatrix(features).fit(train_df)
+    matrix = FeatureMatrix(model_columns(features)).fit(train_df)
     X = matrix.transform(train_df)
     # Stabilized inverse-propensity weights: within an arm they undo the logging policy's preferences (which
     # depend on observed attributes), while each arm keeps its share of the data.
@@ -258,7 +258,7 @@ def _truth_frame(ctx: TrainContext, model: NextBestOfferModel) -> pd.DataFrame |
     ensure_snapshots(ctx, [truth_at])
     entity = pd.DataFrame({"customer_id": truth["customer_id"], "event_timestamp": pd.Timestamp(truth_at)})
     feats = historical_features(ctx.store, SERVICE, entity)
-    feats = feats[feats[model.features].notna().any(axis=1)].drop(columns="event_timestamp")
+    feats = feats[feats[model_columns(model.features)].notna().any(axis=1)].drop(columns="event_timestamp")
     return feats.merge(truth[["customer_id", *need]], on="customer_id", validate="one_to_one")
 
 
@@ -330,7 +330,7 @@ def train(ctx: TrainContext) -> TrainResult:
         features=features,
         python_model=model,
         artifacts={},
-        input_example=hold_df[[*features, "channel"]].head(5).reset_index(drop=True),
+        input_example=hold_df[[*model_columns(features), "channel"]].head(5).reset_index(drop=True),
         params={"learner": "shared base + per-arm intercept and departures", "arms": ",".join(model.arms),
                 "margin": tcfg.margin, "max_ipw_weight": MAX_WEIGHT, "train_sends": len(train_df),
                 "base_rounds": model.base.current_iteration(), "num_leaves": tcfg.num_leaves,

@@ -52,7 +52,7 @@ import pandas as pd  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from features.catalog import HOUR_PROFILE_CHANNELS, service_features  # noqa: E402
+from features.catalog import HOUR_PROFILE_CHANNELS, model_columns, service_features  # noqa: E402
 from features.snapshots import profile_columns  # noqa: E402
 from training.base import GateRule, TrainContext, TrainingError, TrainResult  # noqa: E402
 from training.datasets import describe_window, exposures_dataset, split_by_time  # noqa: E402
@@ -407,7 +407,7 @@ def _fit_channel(parts: dict[str, tuple], cols: dict[str, int], channel: str, n_
 @threadpool_limits.wrap(limits=1, user_api="blas")  # small matrices: BLAS threads only cost time
 def fit_model(train_df: pd.DataFrame, features: list[str]) -> SendTimeModel:
     """Fit every channel with enough training sends of both outcomes; the latest sends validate."""
-    model = SendTimeModel(FeatureMatrix(features).fit(train_df), {})
+    model = SendTimeModel(FeatureMatrix(model_columns(features)).fit(train_df), {})
     X = model.prepare(train_df)
     stamp = train_df["event_timestamp"]
     is_val = (stamp >= stamp.quantile(1 - VALIDATION_SHARE)).to_numpy()
@@ -574,7 +574,7 @@ def train(ctx: TrainContext) -> TrainResult:
               "validation_share": VALIDATION_SHARE, "channels": ",".join(model.channels),
               "train_rows": len(train_df)}
     params |= {f"{c}_evidence": ",".join(f"{v:g}" for v in f.evidence) for c, f in model.fits.items()}
-    example = hold_df[hold_df["channel"].isin(model.channels)][[*features, "channel"]].head(5)
+    example = hold_df[hold_df["channel"].isin(model.channels)][[*model_columns(features), "channel"]].head(5)
     return TrainResult(
         model_name=MODEL_NAME,
         feature_service=SERVICE,

@@ -1,0 +1,85 @@
+"""List features: one Feast field per hour vector, spread into the model columns the same way everywhere."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from features.catalog import INT_LISTS, LIST_FEATURES, VIEWS, model_columns, stored_features
+from features.list_features import ListFeatureError, expand_frame, list_matrix
+from serving.scoring import MatrixPlan
+from training.matrix import FeatureMatrix
+
+ROWS = [[float(h) for h in range(24)], None, [0.5] * 24]
+
+
+def test_every_hour_vector_is_one_field_of_24_named_positions():
+    hour_view = {f.name: f for f in VIEWS["customer_hour_profile"]}
+    assert set(LIST_FEATURES) == {n for n, f in hour_view.items() if f.dtype.endswith("_list")}
+    assert len(LIST_FEATURES) == 12 and all(len(e) == 24 for e in LIST_FEATURES.values())
+    assert LIST_FEATURES["email_sent_by_hour"][8] == "email_sent_hour_08"
+    assert "email_sent_by_hour" in INT_LISTS and "email_hour_shares" not in INT_LISTS
+    assert sum(len(v) for v in VIEWS.values()) < 128  # one Redis hash per customer stays small
+
+
+def test_model_columns_and_stored_features_invert_each_other():
+    features = ["segment", "email_hour_shares", "orders_365d", "push_opened_by_hour"]
+    columns = model_columns(features)
+    assert columns[:3] == ["segment", "email_hour_00", "email_hour_01"] and len(columns) == 2 + 48
+    assert columns[-1] == "push_opened_hour_23"
+    assert stored_features(columns) == features
+    assert stored_features(["push_opened_hour_05", "segment"]) == ["push_opened_by_hour", "segment"]
+
+
+@pytest.mark.parametrize("shape", ["python", "pandas", "arrow", "numpy"])
+def test_every_input_shape_gives_the_same_matrix(shape):
+    given = {
+        "python": ROWS,
+        "pandas": pd.Series([np.array(r) if r is not None else None for r in ROWS], dtype=object),
+        "arrow": pa.array(ROWS, type=pa.list_(pa.float64())),
+        "numpy": np.array([r if r is not None else [np.nan] * 24 for r in ROWS]),
+    }[shape]
+    m = list_matrix("email_hour_shares", given)
+    assert m.shape == (3, 24) and m.dtype == np.float64
+    np.testing.assert_array_equal(m[0], np.arange(24.0))
+    assert np.isnan(m[1]).all()  # a customer without the row: every hour missing, not zero
+    np.testing.assert_array_equal(m[2], np.full(24, 0.5))
+
+
+@pytest.mark.parametrize("shape", ["python", "arrow", "numpy"])
+def test_a_vector_of_the_wrong_length_is_refused_with_its_name(shape):
+    short = [[1.0] * 23]
+    given = {"python": short, "arrow": pa.array(short), "numpy": np.ones((1, 23))}[shape]
+    with pytest.raises(ListFeatureError, match="email_hour_shares.*23.*expected 24"):
+        list_matrix("email_hour_shares", given)
+
+
+def test_expand_frame_puts_the_positions_where_the_list_was():
+    frame = pd.DataFrame({
+        "customer_id": ["a", "b"],
+        "email_sent_by_hour": [list(range(24)), [1] * 24],
+        "push_sent_by_hour": [[2] * 24, None],
+        "segment": ["new", "dormant"],
+    })
+    out = expand_frame(frame)
+    assert list(out.columns) == ["customer_id", *LIST_FEATURES["email_sent_by_hour"],
+                                 *LIST_FEATURES["push_sent_by_hour"], "segment"]
+    assert out["email_sent_hour_23"].tolist() == [23, 1] and out["email_sent_hour_23"].dtype == np.int64
+    assert out["push_sent_hour_00"].iloc[0] == 2 and np.isnan(out["push_sent_hour_00"].iloc[1])
+    assert expand_frame(out) is out  # nothing left to spread
+
+
+def test_matrix_plan_reads_lists_as_the_training_matrix_reads_spread_columns():
+    features = ["email_hour_shares", "orders_365d", "segment"]
+    frame = pd.DataFrame({"email_hour_shares": ROWS, "orders_365d": [3, None, 1], "segment": ["new", None, "x"]})
+    matrix = FeatureMatrix(model_columns(features)).fit(expand_frame(frame))
+    expected = matrix.transform(expand_frame(frame))
+
+    plan = MatrixPlan(matrix)
+    assert plan.stored == features
+    online = {"email_hour_shares": ROWS, "orders_365d": [3, None, 1], "segment": ["new", None, "x"]}
+    batch = {**online, "email_hour_shares": list_matrix("email_hour_shares", ROWS)}
+    np.testing.assert_array_equal(plan.build(online, 3), expected)
+    np.testing.assert_array_equal(plan.build(batch, 3), expected)
+    no_row = plan.build({}, 1)  # an unknown customer: everything missing
+    assert np.isnan(no_row).all()
