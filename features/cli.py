@@ -136,7 +136,12 @@ def materialize_command(home: HomeOption = None) -> None:
 
     try:
         home_dir, _ = home_and_config(home)
-        start, end = fstore.materialize(fstore.open_store(home_dir), home_dir)
+        store = fstore.open_store(home_dir)
+        with progress_bar("materializing customers", None) as (bar, task):
+            def shown(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            start, end = fstore.materialize(store, home_dir, on_progress=shown)
     except (ConfigError, OSError, fstore.FeatureStoreError) as exc:
         fail(str(exc))
     console.print(f"materialized snapshots from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC")

@@ -6,11 +6,12 @@ import contextlib
 import logging
 import os
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import yaml
 from feast import FeatureStore
 from feast.repo_config import RepoConfig
@@ -19,7 +20,7 @@ from engage import profile
 from engage.settings import FEATURE_REPO_DIR
 from feature_repo.definitions import definitions
 from features.list_features import expand_frame
-from features.snapshots import ENTITY, TIMESTAMP_FIELD, snapshot_file, snapshot_times_on_disk
+from features.snapshots import CREATED_FIELD, ENTITY, TIMESTAMP_FIELD, snapshot_file, snapshot_times_on_disk
 
 log = logging.getLogger(__name__)
 FEATURE_STORE_YAML = FEATURE_REPO_DIR / "feature_store.yaml"
@@ -95,13 +96,44 @@ def sample_customers(home: Path, n: int) -> list[str]:
     return ids.head(n).tolist()
 
 
-def materialize(store: FeatureStore, home: Path) -> tuple[datetime, datetime]:
-    """Load the latest snapshot of every customer into the online store; returns the window used."""
-    if not store.list_feature_views():
+MATERIALIZE_BATCH_ROWS = 50_000
+
+
+def materialize(store: FeatureStore, home: Path, on_progress: Callable[[int, int], None] | None = None,
+                batch_rows: int = MATERIALIZE_BATCH_ROWS) -> tuple[datetime, datetime]:
+    """Load the latest snapshot of every customer into the online store; returns the window recorded.
+
+    The latest snapshot file holds every customer's newest row: a snapshot at T has everyone who signed up
+    before T, and forgetting a customer removes them from every file. That is the row Feast's own
+    ``materialize`` over all snapshots would pick. It is written through Feast's ``write_to_online_store``
+    (the same conversion and ``online_write_batch`` as ``materialize``), ``batch_rows`` customers at a time
+    and view by view, so memory stays flat: Feast's ``materialize`` converts a view's whole window at once
+    and was killed at 21 GB on 1,000,000 customers. The registry then records the materialized interval
+    per view, as ``feast materialize`` does. ``on_progress(rows done, rows in all)`` after each batch.
+    """
+    views = store.list_feature_views()
+    if not views:
         raise FeatureStoreError("the feature store has no feature views: run `engage features apply` first")
     first, last = snapshot_bounds(home)
     start, end = first - timedelta(seconds=1), last + timedelta(seconds=1)
-    store.materialize(start_date=start, end_date=end)
+    source = pq.ParquetFile(snapshot_file(home, last))
+    keys = [ENTITY, TIMESTAMP_FIELD, CREATED_FIELD]
+    columns = {v.name: [*keys, *(f.name for f in v.features)] for v in views}
+    missing = sorted({c for cols in columns.values() for c in cols} - set(source.schema_arrow.names))
+    if missing:
+        raise FeatureStoreError(f"the latest snapshot lacks features the store serves ({', '.join(missing[:5])}): "
+                                "run `engage features build`, then `engage features apply`")
+    total, done = source.metadata.num_rows, 0
+    for batch in source.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(c for cs in columns.values()
+                                                                                       for c in cs))):
+        frame = batch.to_pandas()
+        for view in views:
+            store.write_to_online_store(view.name, frame[columns[view.name]])
+        done += len(frame)
+        if on_progress:
+            on_progress(done, total)
+    for view in views:
+        store.registry.apply_materialization(view, store.project, start, end)
     return start, end
 
 

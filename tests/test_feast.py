@@ -80,6 +80,19 @@ def test_online_features_after_materialize_equal_latest_snapshot(applied):
         _assert_same(online, latest, _service_features(service))
 
 
+def test_materialize_in_small_batches_writes_every_customer_and_records_the_interval(applied):
+    home, store, results = applied
+    seen = []
+    start, end = fstore.materialize(store, home, on_progress=lambda done, total: seen.append((done, total)),
+                                    batch_rows=1)
+    latest = expand_frame(pd.read_parquet(results[-1].path).sort_values("customer_id").reset_index(drop=True))
+    assert seen == [(1, 2), (2, 2)]  # one batch per customer, progress up to every row of the latest snapshot
+    online = fstore.online_features(store, "send_time", latest["customer_id"].tolist())
+    _assert_same(online, latest, _service_features("send_time"))
+    view = store.get_feature_view("customer_hour_profile_fv")
+    assert view.materialization_intervals[-1] == (start, end)
+
+
 def test_online_read_of_unknown_customer_returns_nulls(applied):
     home, store, _ = applied
     fstore.materialize(store, home)
