@@ -156,16 +156,11 @@ class FeedbackStore:
         """``sent_at`` of each customer's sent messages at or after ``since``, oldest first (every id a key)."""
         out: dict[str, list[datetime]] = {c: [] for c in customer_ids}
         ids = list(out)
-        t = feedback
         try:
             with self.engine.connect() as con:
                 for i in range(0, len(ids), _IN_CHUNK):
-                    query = (
-                        sa.select(t.c.customer_id, t.c.sent_at)
-                        .where(t.c.customer_id.in_(ids[i : i + _IN_CHUNK]), t.c.sent, t.c.sent_at >= since)
-                        .order_by(t.c.sent_at)
-                    )
-                    for customer_id, sent_at in con.execute(query):
+                    for customer_id, sent_at in con.execute(_RECENT_SENDS, {"ids": ids[i : i + _IN_CHUNK],
+                                                                            "since": since}):
                         out[customer_id].append(sent_at)
         except SQLAlchemyError as e:
             raise StoreUnavailable("the feedback store cannot be read") from e
@@ -175,6 +170,15 @@ class FeedbackStore:
         """Stored feedback rows (one per exposure)."""
         with self.engine.connect() as con:
             return int(con.execute(sa.select(sa.func.count()).select_from(feedback)).scalar_one())
+
+
+# Built once (its compiled form is cached): building the statement per request cost more than running it.
+_RECENT_SENDS = (
+    sa.select(feedback.c.customer_id, feedback.c.sent_at)
+    .where(feedback.c.customer_id.in_(sa.bindparam("ids", expanding=True)), feedback.c.sent,
+           feedback.c.sent_at >= sa.bindparam("since", type_=feedback.c.sent_at.type))
+    .order_by(feedback.c.sent_at)
+)
 
 
 def _validate(fb: Feedback, opened: bool) -> None:

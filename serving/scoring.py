@@ -75,15 +75,25 @@ class MatrixPlan:
             if pairs:
                 self.lists[name] = ([k for k, _ in pairs], [j for _, j in pairs])
         self.stored = stored_features(self.columns)  # the feature names to read
+        in_lists = {j for _, cols in self.lists.values() for j in cols}
+        self.scalars = [(j, name, self.codes.get(name)) for j, name in enumerate(self.columns) if j not in in_lists]
+        self.scalar_index = [j for j, _, _ in self.scalars]
 
     def build(self, values: Mapping[str, Sequence], n: int) -> np.ndarray:
         out = np.empty((n, len(self.columns)), dtype=np.float32)
         filled = set()
         for name, (positions, cols) in self.lists.items():
             col = values.get(name)
-            if col is not None:
+            if col is None:  # not read as a list: the element columns by their own names, if given
+                for j in cols:
+                    out[:, j] = column(values, self.columns[j], n)
+            else:
                 out[:, cols] = list_matrix(name, col)[:, positions]
-                filled.update(cols)
+            filled.update(cols)
+        if n <= ROW_WISE_MAX:  # a request's few customers: plain Python per value, one array at the end
+            rows = [[_cell(values.get(name), i, codes) for _, name, codes in self.scalars] for i in range(n)]
+            out[:, self.scalar_index] = np.array(rows, dtype=np.float64).reshape(n, len(self.scalars))
+            return out
         for j, name in enumerate(self.columns):
             if j in filled:
                 continue
@@ -94,6 +104,19 @@ class MatrixPlan:
                 col = values.get(name) or [None] * n
                 out[:, j] = [math.nan if v is None else codes.get(str(v), math.nan) for v in col]
         return out
+
+
+ROW_WISE_MAX = 16  # MatrixPlan.build fills up to this many rows value by value: numpy per column costs more
+
+
+def _cell(col, i: int, codes: dict[str, float] | None) -> float:
+    """Row ``i`` of one column as :meth:`MatrixPlan.build` stores it (missing -> NaN, a category -> its code)."""
+    if col is None:
+        return math.nan
+    v = col[i]
+    if codes is not None:
+        return math.nan if v is None else codes.get(str(v), math.nan)
+    return math.nan if v is None else _float(v)
 
 
 def _texts(values: Mapping[str, Sequence], name: str, n: int, default: str) -> list[str]:

@@ -83,3 +83,19 @@ def test_matrix_plan_reads_lists_as_the_training_matrix_reads_spread_columns():
     np.testing.assert_array_equal(plan.build(batch, 3), expected)
     no_row = plan.build({}, 1)  # an unknown customer: everything missing
     assert np.isnan(no_row).all()
+
+
+def test_matrix_plan_builds_few_and_many_rows_alike():
+    features = ["email_hour_shares", "orders_365d", "segment", "email_consent"]
+    frame = pd.DataFrame({"email_hour_shares": ROWS * 20, "orders_365d": [3, None, "7"] * 20,
+                          "segment": ["new", None, "x"] * 20, "email_consent": [True, False, None] * 20})
+    matrix = FeatureMatrix(model_columns(features)).fit(expand_frame(frame))
+    plan = MatrixPlan(matrix)
+    values = {c: frame[c].tolist() for c in frame.columns}
+    many = plan.build(values, len(frame))  # column by column
+    few = np.vstack([plan.build({k: v[i:i + 3] for k, v in values.items()}, 3) for i in range(0, len(frame), 3)])
+    np.testing.assert_array_equal(many, few)
+    np.testing.assert_array_equal(many, matrix.transform(expand_frame(frame)))
+    spread = {**{k: v[:3] for k, v in values.items() if k != "email_hour_shares"},
+              **expand_frame(frame[["email_hour_shares"]].head(3)).to_dict("list")}
+    np.testing.assert_array_equal(plan.build(spread, 3), many[:3])  # element columns by their own names
