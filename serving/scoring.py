@@ -81,7 +81,6 @@ class MatrixPlan:
 
     def build(self, values: Mapping[str, Sequence], n: int) -> np.ndarray:
         out = np.empty((n, len(self.columns)), dtype=np.float32)
-        filled = set()
         for name, (positions, cols) in self.lists.items():
             col = values.get(name)
             if col is None:  # not read as a list: the element columns by their own names, if given
@@ -89,15 +88,11 @@ class MatrixPlan:
                     out[:, j] = column(values, self.columns[j], n)
             else:
                 out[:, cols] = list_matrix(name, col)[:, positions]
-            filled.update(cols)
         if n <= ROW_WISE_MAX:  # a request's few customers: plain Python per value, one array at the end
             rows = [[_cell(values.get(name), i, codes) for _, name, codes in self.scalars] for i in range(n)]
             out[:, self.scalar_index] = np.array(rows, dtype=np.float64).reshape(n, len(self.scalars))
             return out
-        for j, name in enumerate(self.columns):
-            if j in filled:
-                continue
-            codes = self.codes.get(name)
+        for j, name, codes in self.scalars:
             if codes is None:
                 out[:, j] = column(values, name, n)
             else:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import redis
 import sqlalchemy as sa
+
+from tests.helpers import LOCAL_HOST, PG_PORT, REDIS_PORT
 
 _skipped: list[str] = []
 
@@ -37,74 +42,72 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-PG_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
 
 
 def _pg_admin(database: str, **engine_args) -> tuple[sa.Engine, str]:
     """An engine on the local PostgreSQL ``database`` as user postgres or the current user; skips (which fails
     CI=true) when neither can connect."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed")
     for user in dict.fromkeys(("postgres", getpass.getuser())):
-        engine = sa.create_engine(f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/{database}",
+        engine = sa.create_engine(f"postgresql+psycopg://{user}@{LOCAL_HOST}:{PG_PORT}/{database}",
                                   connect_args={"connect_timeout": 3}, **engine_args)
         try:
             with engine.connect():
                 return engine, user
         except sa.exc.OperationalError:
             engine.dispose()
-    pytest.skip(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} (database {database}, user postgres or "
+    pytest.skip(f"PostgreSQL is not reachable at {LOCAL_HOST}:{PG_PORT} (database {database}, user postgres or "
                 "current user)")
 
 
+@contextlib.contextmanager
+def _created(admin: sa.Engine, create: str, drop: str) -> Iterator[None]:
+    """Run ``create`` on ``admin``, then ``drop`` when the block ends (however it ends), and dispose of it."""
+    try:
+        with admin.begin() as con:
+            con.exec_driver_sql(create)
+        yield
+    finally:
+        with admin.begin() as con:
+            con.exec_driver_sql(drop)
+        admin.dispose()
+
+
 @pytest.fixture(scope="module")
-def pg_url() -> str:
+def pg_url() -> Iterator[str]:
     """A fresh schema in the local PostgreSQL database ``test`` (an SQLAlchemy URL), dropped afterwards."""
     admin, user = _pg_admin("test")
     schema = f"engage_test_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as con:
-        con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/test?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as con:
-            con.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+    with _created(admin, f'CREATE SCHEMA "{schema}"', f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'):
+        yield f"postgresql+psycopg://{user}@{LOCAL_HOST}:{PG_PORT}/test?options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(scope="module")
-def pg_database():
+def pg_database() -> Iterator[SimpleNamespace]:
     """A fresh PostgreSQL database (``CREATE DATABASE``; ``url`` in the form ENGAGE_POSTGRES_URL takes), dropped
     after."""
-    admin, user = _pg_admin("postgres", isolation_level="AUTOCOMMIT")
+    admin, user = _pg_admin("postgres", isolation_level="AUTOCOMMIT")  # CREATE DATABASE runs outside a transaction
     name = f"engage_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as con:
-        con.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield SimpleNamespace(user=user, name=name, url=f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}")
-    finally:
-        with admin.connect() as con:
-            con.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with _created(admin, f'CREATE DATABASE "{name}"', f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'):
+        yield SimpleNamespace(user=user, name=name, url=f"postgresql://{user}@{LOCAL_HOST}:{PG_PORT}/{name}")
 
 
 @pytest.fixture(scope="module")
 def redis_db():
     """A Redis database number on the shared server that no one else uses (claimed with the marker key
     ``claim``), flushed after."""
-    redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install 'feast[redis]')")
     claim = f"engage:test:claim:{uuid.uuid4().hex}"
     for db in range(15, 0, -1):
-        client = redis.Redis(host=PG_HOST, port=REDIS_PORT, db=db, socket_connect_timeout=2, socket_timeout=5)
+        client = redis.Redis(host=LOCAL_HOST, port=REDIS_PORT, db=db, socket_connect_timeout=2, socket_timeout=5)
         try:
             if client.dbsize() == 0 and client.set(claim, "1", nx=True, ex=3 * 3600) and client.dbsize() == 1:
                 break
         except redis.exceptions.RedisError as exc:
-            pytest.skip(f"Redis is not reachable at {PG_HOST}:{REDIS_PORT}: {exc}")
+            pytest.skip(f"Redis is not reachable at {LOCAL_HOST}:{REDIS_PORT}: {exc}")
         client.close()
     else:
-        pytest.skip(f"no free Redis database number on {PG_HOST}:{REDIS_PORT} (databases 1-15 are all in use)")
+        pytest.skip(f"no free Redis database number on {LOCAL_HOST}:{REDIS_PORT} (databases 1-15 are all in use)")
     try:
-        yield SimpleNamespace(db=db, url=f"redis://{PG_HOST}:{REDIS_PORT}/{db}", client=client, claim=claim.encode())
+        yield SimpleNamespace(db=db, url=f"redis://{LOCAL_HOST}:{REDIS_PORT}/{db}", client=client, claim=claim.encode())
     finally:
         client.flushdb()
         client.close()

@@ -11,6 +11,9 @@ from engage.config import load_config
 from features.load import connect_warehouse, ingest
 from features.snapshots import SnapshotResult, build_snapshots
 
+# The local PostgreSQL and Redis every machine of this project runs (CI's included).
+LOCAL_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
+
 
 def load(src: Path, home: Path):
     return ingest(src, home)

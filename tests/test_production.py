@@ -27,9 +27,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.helpers import PG_PORT
+
 pytestmark = [pytest.mark.needs_service, pytest.mark.slow]
 
-PG_HOST, PG_PORT, REDIS_PORT = "127.0.0.1", 5432, 6379
 API_KEY = "prod-test-api-key-0123456789abcdef"
 CUSTOMERS = 800
 
