@@ -85,7 +85,6 @@ Output columns (:data:`OUTPUT_SCHEMA`, one row per selected customer, in rank or
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import multiprocessing
@@ -115,6 +114,7 @@ from features.snapshots import (
     snapshot_file,
     to_utc,
 )
+from serving.batch_log import ENCODED, _hash_id, decision_columns, exposure_id
 from serving.decide import decide
 from serving.policy import Holdout, Policy
 from serving.scoring import POLICY_FEATURES, Scorer
@@ -222,19 +222,6 @@ class ChunkContext:
 
 def _id_key(as_of: datetime, versions: dict[str, str], run_id: str) -> str:
     return "\x1f".join([to_utc(as_of).isoformat(), json.dumps(versions, sort_keys=True), run_id])
-
-
-def _hash_id(*parts: str) -> str:
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
-
-
-def exposure_id(id_key: str, customer_id: str) -> str:
-    """The exposure id of a listed customer with an action: deterministic, so a re-run gives the same one."""
-    return _hash_id("exposure", id_key, customer_id)
-
-
-def decision_id(id_key: str, customer_id: str) -> str:
-    return _hash_id("decision", id_key, customer_id)
 
 
 def default_run_id(as_of: datetime, versions: dict[str, str], policy: Policy, channel: str | None) -> str:
@@ -680,101 +667,33 @@ def summarize(columns: dict[str, np.ndarray | list], *, engine: str, plan_: Batc
 
 # -- the decision log ------------------------------------------------------------------------------------
 
-LOG_BATCH_ROWS = 5_000
-_LOG_COLUMNS = ("customer_id", "exposure_id", "churn_probability", "risk_tier", "segment", "expected_value",
-                "value_at_risk", "reason_codes", "action", "action_reason", "holdout", "intended_action",
-                "best_offer", "offer_uplift", "expected_incremental_profit", "propensity", "channel",
-                "expected_open_rate", "send_at", "send_at_local", "rank")
-
-
-def decision_columns(rows: pa.Table, ctx: ChunkContext) -> dict[str, list]:
-    """The decision-log rows (table ``decisions``, as :func:`serving.decision_log.decision_record` fills it) of
-    listed rows, column by column.
-
-    Built from the list's own columns, so both engines log exactly what they wrote: ``decided_at`` and the
-    feature timestamp are the as-of time, ``request_id`` the run id; the payload holds the churn facts, the
-    chosen offer (control group: the intended one, also in ``intended_offer``) with its predicted uplift, and
-    the rank. A control-group record has no ``chosen_offer``: nothing was offered.
-    """
-    key, as_of, n = ctx.id_key, ctx.as_of, rows.num_rows
-    data = {c: rows.column(c).to_pylist() for c in _LOG_COLUMNS}
-    for c in ("churn_probability", "expected_value", "value_at_risk", "offer_uplift", "expected_incremental_profit",
-              "propensity", "expected_open_rate"):
-        data[c] = [None if v is None or v != v else v for v in data[c]]  # NaN -> None (JSON null)
-    held = [bool(h) for h in data["holdout"]]
-    payloads = []
-    for (churn_p, tier, segment, codes, offer, uplift, profit, held_i, reason, local, open_rate, var, value, intended,
-         rank_) in zip(data["churn_probability"], data["risk_tier"], data["segment"], data["reason_codes"],
-                       data["best_offer"], data["offer_uplift"], data["expected_incremental_profit"], held,
-                       data["action_reason"], data["send_at_local"], data["expected_open_rate"], data["value_at_risk"],
-                       data["expected_value"], data["intended_action"], data["rank"], strict=True):
-        payloads.append({
-            "churn_probability": churn_p,
-            "risk_tier": tier,
-            "segment": segment,
-            "reasons": [c for c in (codes or "").split(";") if c],
-            "offers": [] if offer is None else [{"offer_id": offer, "uplift": uplift,
-                                                 "expected_incremental_profit": profit, "chosen": not held_i}],
-            "channels": [],
-            "suppressions": [] if reason is None else [{"rule": reason, "target": "action", "detail": reason}],
-            "send_at_local": local,
-            "expected_open_rate": open_rate,
-            "expected_value_at_risk": var,
-            "expected_value": value,
-            "intended_action": intended,
-            "intended_offer": offer if held_i else None,
-            "rank": rank_,
-        })
-    return {
-        "decision_id": [decision_id(key, c) for c in data["customer_id"]],
-        "request_id": [ctx.run_id] * n,
-        "exposure_id": data["exposure_id"],
-        "customer_id": data["customer_id"],
-        "decided_at": [as_of] * n,
-        "source": ["batch"] * n,
-        "action": data["action"],
-        "reason": data["action_reason"],
-        "chosen_offer": [None if h else o for h, o in zip(held, data["best_offer"], strict=True)],
-        "channel": data["channel"],
-        "send_at": data["send_at"],
-        "propensity": [1.0 if h else p for h, p in zip(held, data["propensity"], strict=True)],
-        "cold_start": [False] * n,
-        "degraded": [False] * n,
-        "holdout": held,
-        "feature_timestamp": [as_of] * n,
-        "model_versions": [{k: str(v) for k, v in ctx.versions.items()}] * n,
-        "payload": payloads,
-    }
+LOG_BATCH_ROWS = 50_000  # rows prepared at a time (all of them in one transaction)
 
 
 def log_decisions(plan_: BatchPlan, listed: pa.Table, on_progress: Callable[[int], None] | None = None) -> int:
     """Append the listed rows' decisions to the decision log (after the list is written); returns how many.
 
-    Inserts skip decision and exposure ids already logged (a re-run of the same job adds nothing), in
-    transactions of :data:`LOG_BATCH_ROWS` rows through :func:`serving.servingdb.insert_ignoring_existing` (a
-    million rows would spend most of their time in per-row statement building otherwise). Raises
-    :class:`BatchError` when the database refuses or cannot be reached: the list is written, its decisions
-    are not (all) logged, and running the same job again logs them.
+    All rows go in one transaction (:func:`serving.servingdb.bulk_insert`, prepared :data:`LOG_BATCH_ROWS` at a
+    time), skipping decision and exposure ids already logged: a re-run of the same job adds nothing. Raises
+    :class:`BatchError` when the database refuses or cannot be reached: the list is written, none of its
+    decisions are logged, and running the same job again logs them.
     """
     from serving.decision_log import _describe
-    from serving.servingdb import decisions, insert_ignoring_existing
+    from serving.servingdb import bulk_insert, decisions
 
     if plan_.engine is None:
         return 0
-    written = 0
-    for start in range(0, listed.num_rows, LOG_BATCH_ROWS):
-        part = listed.slice(start, LOG_BATCH_ROWS)
-        try:
-            insert_ignoring_existing(plan_.engine, decisions, decision_columns(part, plan_.context))
-        except Exception as exc:  # refused or unreachable: say how far it got and how to finish
-            raise BatchError(f"wrote {plan_.out}, but only {written:,} of its {listed.num_rows:,} decisions reached "
-                             f"the decision log ({decision_log_url(plan_.engine)}, table {decisions.name}): "
-                             f"{_describe(exc)}. Feedback for the others is refused until they are logged: "
-                             "run the same command again with --overwrite (nothing is logged twice)") from exc
-        written += part.num_rows
-        if on_progress:
-            on_progress(part.num_rows)
-    return written
+    ctx = plan_.context
+    chunks = (decision_columns(listed.slice(start, LOG_BATCH_ROWS), id_key=ctx.id_key, run_id=ctx.run_id,
+                               as_of=ctx.as_of, versions=ctx.versions)
+              for start in range(0, listed.num_rows, LOG_BATCH_ROWS))
+    try:
+        return bulk_insert(plan_.engine, decisions, chunks, encoded=ENCODED, on_chunk=on_progress)
+    except Exception as exc:  # refused or unreachable: nothing is logged (one transaction); say how to finish
+        raise BatchError(f"wrote {plan_.out}, but its {listed.num_rows:,} decisions did not reach the decision log "
+                         f"({decision_log_url(plan_.engine)}, table {decisions.name}): {_describe(exc)}. Feedback "
+                         "for them is refused until they are logged: run the same command again with --overwrite "
+                         "(nothing is logged twice)") from exc
 
 
 def decision_log_url(engine) -> str:

@@ -8,7 +8,9 @@ SQLAlchemy URL (``postgresql+psycopg://user@host/db`` in production) to use anot
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,7 @@ def _add_missing_columns(engine: Engine) -> None:
 
 SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: pages are the OS cache's
 SQLITE_CACHE_KIB = 64 * 1024  # per connection, allocated as used
+SQLITE_BULK_CACHE_KIB = 1024 * 1024  # during a bulk insert (bulk_insert): the indexes of a million decisions
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -177,54 +180,90 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cur.close()
 
 
-def insert_ignoring_existing(engine: Engine, table: sa.Table, columns: dict[str, list]) -> None:
+def insert_ignoring_existing(engine: Engine, table: sa.Table, columns: dict[str, list], *,
+                             encoded: Collection[str] = ()) -> None:
     """Insert rows given as column lists (every column of ``table``), skipping rows whose keys exist; one
-    transaction.
+    transaction. See :func:`bulk_insert`."""
+    bulk_insert(engine, table, [columns], encoded=encoded)
+
+
+def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[dict[str, list]], *, encoded: Collection[str] = (),
+                on_chunk: Callable[[int], None] | None = None) -> int:
+    """Insert chunks of rows given as column lists (every column of ``table``), skipping rows whose keys exist,
+    all in ONE transaction (nothing is stored unless everything is); returns the rows offered.
 
     The statement and each column's bind processor are SQLAlchemy's own for the dialect, so the stored values
     are exactly what ``con.execute(insert, rows)`` stores; only the per-row statement building is skipped (an
     executemany of prepared tuples). Values repeated in a column (as-of times, the run id) are processed once.
+    Columns in ``encoded`` hold values already in the database's form (JSON columns: JSON text), passed as is.
+
+    One transaction rather than one per chunk: the keys of a decision log are random, so each commit of a few
+    thousand rows rewrote most pages of every index (a million rows wrote the indexes hundreds of times over).
+    On SQLite the transaction gets a page cache of :data:`SQLITE_BULK_CACHE_KIB` for the same reason.
     """
     names = [c.name for c in table.columns]
+    dialect = engine.dialect
+    compiled = upsert(engine, table).on_conflict_do_nothing().compile(dialect=dialect)
+    processors = {name: None if name in encoded else table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                  for name in names}
+    offered = 0
+    with engine.begin() as con:
+        if dialect.name == "sqlite":
+            con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BULK_CACHE_KIB}")
+        try:
+            for columns in chunks:
+                n = _check_columns(table, names, columns)
+                if n == 0:
+                    continue
+                processed = {name: _processed(columns[name], processors[name]) for name in names}
+                if dialect.positional:
+                    params: list = list(zip(*(processed[k] for k in compiled.positiontup), strict=True))
+                else:
+                    params = [dict(zip(names, row, strict=True))
+                              for row in zip(*(processed[k] for k in names), strict=True)]
+                con.exec_driver_sql(compiled.string, params)
+                offered += n
+                if on_chunk:
+                    on_chunk(n)
+        finally:
+            if dialect.name == "sqlite":
+                with contextlib.suppress(sa.exc.DBAPIError):
+                    con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+    return offered
+
+
+def _check_columns(table: sa.Table, names: list[str], columns: dict[str, list]) -> int:
+    """The number of rows of a chunk; raises ValueError for a missing column or one of another length."""
     missing = [n for n in names if n not in columns]
     if missing:
         raise ValueError(f"no values for column(s) {', '.join(missing)} of {table.name}")
     n = len(columns[names[0]])
-    if n == 0:
-        return
-    dialect = engine.dialect
-    compiled = upsert(engine, table).on_conflict_do_nothing().compile(dialect=dialect)
-    processed: dict[str, list] = {}
     for name in names:
-        values = columns[name]
-        if len(values) != n:
-            raise ValueError(f"column {name} has {len(values)} values, expected {n}")
-        proc = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-        if proc is None:
-            processed[name] = values
+        if len(columns[name]) != n:
+            raise ValueError(f"column {name} has {len(columns[name])} values, expected {n}")
+    return n
+
+
+def _processed(values: list, proc: Callable[[Any], Any] | None) -> list:
+    """``proc`` applied to each value, once per distinct value (unhashable ones: once per object)."""
+    if proc is None:
+        return values
+    memo: dict = {}
+    same: dict[int, tuple] = {}  # unhashable values (dicts for JSON) repeated as one object: by identity
+    out = []
+    for v in values:
+        try:
+            hit = memo.get(v, memo)
+        except TypeError:
+            seen = same.get(id(v))
+            if seen is None:
+                seen = same[id(v)] = (v, proc(v))  # keeps v alive, so its id is not reused meanwhile
+            out.append(seen[1])
             continue
-        memo: dict = {}
-        same: dict[int, tuple] = {}  # unhashable values (dicts for JSON) repeated as one object: by identity
-        out = []
-        for v in values:
-            try:
-                hit = memo.get(v, memo)
-            except TypeError:
-                seen = same.get(id(v))
-                if seen is None:
-                    seen = same[id(v)] = (v, proc(v))  # keeps v alive, so its id is not reused meanwhile
-                out.append(seen[1])
-                continue
-            if hit is memo:
-                hit = memo[v] = proc(v)
-            out.append(hit)
-        processed[name] = out
-    if dialect.positional:
-        params: list = list(zip(*(processed[k] for k in compiled.positiontup), strict=True))
-    else:
-        params = [dict(zip(names, row, strict=True)) for row in zip(*(processed[k] for k in names), strict=True)]
-    with engine.begin() as con:
-        con.exec_driver_sql(compiled.string, params)
+        if hit is memo:
+            hit = memo[v] = proc(v)
+        out.append(hit)
+    return out
 
 
 def upsert(engine_or_dialect: Engine | sa.Dialect, table: sa.Table) -> Any:

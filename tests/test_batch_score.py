@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 import typer
 from typer.testing import CliRunner
 
@@ -54,7 +55,6 @@ def full(full_run) -> pd.DataFrame:
 
 
 def _decisions(url: str) -> pd.DataFrame:
-    import sqlalchemy as sa
 
     from serving.servingdb import create_serving_engine, decisions
 
@@ -109,6 +109,10 @@ def test_control_group_is_listed_and_never_sent(full: pd.DataFrame) -> None:
     assert (h.loc[h["best_offer"].notna(), "expected_incremental_profit"] > 0).all()
 
 
+def _or_none(x):
+    return None if x is None or pd.isna(x) else x
+
+
 def test_exposure_ids_are_deterministic_and_logged(full_run, serving_env, tmp_path: Path) -> None:
     full = full_run.df
     acting = full["action"] != "none"
@@ -130,6 +134,20 @@ def test_exposure_ids_are_deterministic_and_logged(full_run, serving_env, tmp_pa
     assert [p["intended_action"] for p in payload[held]] == full.loc[held, "intended_action"].tolist()
     assert [p["intended_offer"] for p in payload[held]] == full.loc[held, "best_offer"].tolist()
     assert log["chosen_offer"].to_numpy()[held].tolist() == [None] * held.sum()
+    # The payload (JSON written in bulk) says what the list says, row by row; a missing number is null.
+    for (_, r), p in zip(full.iterrows(), payload, strict=True):
+        assert p["rank"] == r["rank"] and p["risk_tier"] == r["risk_tier"] and p["segment"] == r["segment"]
+        assert p["churn_probability"] == r["churn_probability"]
+        assert p["expected_value_at_risk"] == _or_none(r["value_at_risk"])
+        assert p["expected_open_rate"] == _or_none(r["expected_open_rate"])
+        assert p["reasons"] == (r["reason_codes"].split(";") if r["reason_codes"] else [])
+        assert p["send_at_local"] == r["send_at_local"] and p["intended_action"] == r["intended_action"]
+        offers = [] if r["best_offer"] is None else [{
+            "offer_id": r["best_offer"], "uplift": _or_none(r["offer_uplift"]),
+            "expected_incremental_profit": _or_none(r["expected_incremental_profit"]), "chosen": not r["holdout"]}]
+        assert p["offers"] == offers and p["channels"] == []
+        reason = r["action_reason"]
+        assert p["suppressions"] == ([] if reason is None else [{"rule": reason, "target": "action", "detail": reason}])
     assert "decision log: " in full_run.output
     # A re-run of the same job (default run id: derived, not random) gives the same ids and logs nothing twice.
     out_a, out_b = tmp_path / "a.parquet", tmp_path / "b.parquet"
@@ -310,15 +328,20 @@ def test_decision_log_unreachable(serving_env, tmp_path: Path, monkeypatch) -> N
     assert result.exit_code != 0 and "cannot open the decision log" in result.output and not out.exists()
     monkeypatch.setenv("ENGAGE_SERVING_DB_URL", serving_env.serving_db)
 
-    def refused(*args, **kwargs):
-        raise OSError("database is locked")
+    # The database refuses the 31st row of the list: the one transaction leaves none of the 50 logged.
+    from serving.servingdb import create_serving_engine
 
-    with monkeypatch.context() as m:
-        m.setattr("serving.servingdb.insert_ignoring_existing", refused)
-        result = _score(serving_env.home, "--out", str(out), "--top", "50")
+    engine = create_serving_engine(serving_env.serving_db)
+    with engine.begin() as con:
+        con.exec_driver_sql("CREATE TRIGGER refuse_31st BEFORE INSERT ON decisions "
+                            "WHEN (SELECT count(*) FROM decisions) >= 30 BEGIN SELECT RAISE(ABORT, 'disk quota'); END")
+    result = _score(serving_env.home, "--out", str(out), "--top", "50")
     text = " ".join(result.output.split())
-    assert result.exit_code != 0 and "only 0 of its 50 decisions reached the decision log" in text, result.output
+    assert result.exit_code != 0 and "its 50 decisions did not reach the decision log" in text, result.output
+    assert "disk quota" in text and "--overwrite" in text
     assert out.exists() and _decisions(serving_env.serving_db).empty
+    with engine.begin() as con:
+        con.exec_driver_sql("DROP TRIGGER refuse_31st")
     result = _score(serving_env.home, "--out", str(out), "--top", "50", "--overwrite")
     assert result.exit_code == 0 and len(_decisions(serving_env.serving_db)) == 50
     result = _score(serving_env.home, "--out", str(tmp_path / "quiet.parquet"), "--top", "60", "--no-log")

@@ -237,11 +237,22 @@ def _rows(engine: sa.Engine) -> list[dict]:
 
 def _bulk_matches_orm_path(url_a: str, url_b: str) -> None:
     """Rows stored by the bulk path read back exactly as rows stored by SQLAlchemy's own executemany."""
-    from serving.servingdb import insert_ignoring_existing, upsert
+    from serving.servingdb import bulk_insert, insert_ignoring_existing, upsert
 
     bulk, plain = create_serving_engine(url_a), create_serving_engine(url_b)
     cols = _bulk_columns(list(range(12)))
-    insert_ignoring_existing(bulk, decisions, cols)
+    # Two chunks, with the payloads already JSON text (as batch lists give them).
+    text = [json.dumps(p) for p in cols["payload"]]
+    first = {k: v[:5] for k, v in cols.items()} | {"payload": text[:5]}
+    second = {k: v[5:] for k, v in cols.items()} | {"payload": text[5:]}
+    seen: list[int] = []
+    with pytest.raises(ValueError, match="no values for column"):  # a bad first chunk: nothing is written
+        bulk_insert(bulk, decisions, [{k: v for k, v in first.items() if k != "payload"}])
+    with pytest.raises(sa.exc.IntegrityError):  # the second chunk is refused: the first is rolled back with it
+        bulk_insert(bulk, decisions, [first, second | {"action": [None] * 7}], encoded=("payload",))
+    assert _rows(bulk) == []
+    assert bulk_insert(bulk, decisions, [first, second], encoded=("payload",), on_chunk=seen.append) == 12
+    assert seen == [5, 7]
     records = [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
     with plain.begin() as con:
         con.execute(upsert(plain, decisions).on_conflict_do_nothing(), records)

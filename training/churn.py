@@ -25,6 +25,7 @@ from training.base import GateRule, TrainContext, TrainingError, TrainResult
 from training.datasets import churn_dataset, churn_times, describe_window, ensure_snapshots
 from training.evaluate import binary_metrics
 from training.matrix import FeatureMatrix
+from training.row_predict import RowPredictor
 from training.transforms import BTYD_FEATURES, with_btyd
 from training.treeshap import TreeShap, TreeShapUnsupported, top_positive
 
@@ -68,7 +69,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
         return self.matrix.transform(with_btyd(df, self.horizon_days))
 
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
-        raw = self.booster.predict(X, num_threads=1)
+        raw = self._rows().predict(X)
         return np.interp(raw, self.calib_x, self.calib_y)
 
     def reasons(self, X: np.ndarray, k: int = TOP_REASONS) -> list[list[str]]:
@@ -85,7 +86,14 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
             shap = self.warm()
             if shap is not None:
                 return shap.contributions(X)
-        return self.booster.predict(X, pred_contrib=True, num_threads=1)[:, :-1]  # last column: bias
+        return self._rows().predict(X, "contrib")[:, :-1]  # last column: bias
+
+    def _rows(self) -> RowPredictor:
+        """The booster behind LightGBM's single-row fast path (a request's one customer), made on first use."""
+        rows = self.__dict__.get("_row_predictor")
+        if rows is None:
+            rows = self.__dict__["_row_predictor"] = RowPredictor(self.booster)
+        return rows
 
     def warm(self) -> TreeShap | None:
         """Build the bulk explainer now (about a second); None when the trees are too large to tabulate."""
@@ -102,6 +110,7 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_tree_shap", None)  # derived from the booster; rebuilt where it is used
+        state.pop("_row_predictor", None)  # C handles
         return state
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

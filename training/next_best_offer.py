@@ -25,6 +25,7 @@ from training.base import GateRule, TrainContext, TrainingError, TrainResult
 from training.datasets import describe_window, ensure_snapshots, exposures_dataset, split_by_time
 from training.evaluate import binary_metrics
 from training.matrix import FeatureMatrix
+from training.row_predict import RowPredictor
 
 log = logging.getLogger(__name__)
 MODEL_NAME = SERVICE = "next_best_offer"
@@ -69,10 +70,22 @@ class NextBestOfferModel(mlflow.pyfunc.PythonModel):
 
     def score_matrix(self, X: np.ndarray) -> np.ndarray:
         """(rows, arms) conversion probabilities; arm 0 is the control."""
-        base = self.base.predict(X, raw_score=True, num_threads=1)
-        raw = np.column_stack([base + c + b.predict(X, raw_score=True, num_threads=1)
-                               for c, b in zip(self.offsets, self.arm_boosters, strict=True)])
+        base, *arms = self._rows()
+        shared = base.predict(X, "raw")
+        raw = np.column_stack([shared + c + b.predict(X, "raw") for c, b in zip(self.offsets, arms, strict=True)])
         return 1.0 / (1.0 + np.exp(-raw))
+
+    def _rows(self) -> list[RowPredictor]:
+        """The base and arm boosters behind LightGBM's single-row fast path, made on first use."""
+        rows = self.__dict__.get("_row_predictors")
+        if rows is None:
+            rows = self.__dict__["_row_predictors"] = [RowPredictor(b) for b in (self.base, *self.arm_boosters)]
+        return rows
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_row_predictors", None)  # C handles, made again where the model scores
+        return state
 
     def expected_revenue(self, df: pd.DataFrame) -> np.ndarray:
         """Revenue given conversion: last-year AOV shrunk towards the global mean revenue per conversion."""

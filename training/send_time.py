@@ -107,6 +107,38 @@ def _log_kappa(shift: float, sigma: float) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _response(width: float, floor: float) -> np.ndarray:
+    """response[p, h] = floor + (1 - floor) K(h - p) (cached, read-only)."""
+    out = floor + (1 - floor) * _kernel(float(width)).T
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _log_prior_response(prior: bytes, width: float, floor: float) -> np.ndarray:
+    """log E[response(h)] under a prior (given as its float64 bytes), cached."""
+    out = np.log(np.frombuffer(prior) @ _response(width, floor))
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _trial_logs(width: float, floor: float, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """log r and log(1 - r) of a send at hour h opening, for preferred hour p ([h, p], cached)."""
+    r = np.clip(base * (floor + (1 - floor) * _kernel(width)), 1e-6, 1 - 1e-6)
+    logs = np.log(r), np.log1p(-r)
+    for a in logs:
+        a.flags.writeable = False
+    return logs
+
+
+@functools.lru_cache(maxsize=64)
+def _hour_names(pattern: str) -> tuple[str, ...]:
+    """The 24 column names of ``pattern`` ("email_hour_{h:02d}"), cached: scoring asks on every call."""
+    return tuple(pattern.format(h=h) for h in HOURS)
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-5, 1 - 1e-5)
     return np.log(p / (1 - p))
@@ -168,7 +200,7 @@ def _zeroed(a: np.ndarray) -> np.ndarray:
 
 def hour_counts(X: np.ndarray, cols: dict[str, int], channel: str) -> np.ndarray:
     """(rows, 24) engagement counts per local hour on ``channel`` (share x total; missing = none)."""
-    share = _zeroed(X[:, [cols[f"{channel}_hour_{h:02d}"] for h in HOURS]])
+    share = _zeroed(X[:, [cols[n] for n in _hour_names(channel + "_hour_{h:02d}")]])
     return share * _zeroed(X[:, cols[f"{channel}_engagements_365d"]])[:, None]
 
 
@@ -199,8 +231,8 @@ class Trials:
     base: float = 0.0
 
     def loglik(self) -> np.ndarray:
-        r = np.clip(self.base * (self.floor + (1 - self.floor) * _kernel(self.width)), 1e-6, 1 - 1e-6)  # [h, p]
-        return self.opened @ np.log(r) + (self.sent - self.opened) @ np.log1p(-r)
+        log_r, log_not_r = _trial_logs(self.width, self.floor, self.base)  # [h, p]
+        return self.opened @ log_r + (self.sent - self.opened) @ log_not_r
 
     def rows(self, m: np.ndarray) -> Trials:
         return Trials(self.sent[m], self.opened[m], self.width, self.floor, self.base)
@@ -228,8 +260,9 @@ def preference_prior(counts: np.ndarray, shift: float, sigma: float, temper: flo
 def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray, trials: Trials | None = None) -> np.ndarray:
     """log E[response(h)] under the posterior minus under the prior, (rows, 24); 0 without evidence."""
     shift, sigma, width, floor, temper = ev
-    response = floor + (1 - floor) * _kernel(float(width)).T  # [p, h]
-    z = np.log(_posterior(counts, shift, sigma, temper, prior, trials) @ response) - np.log(prior @ response)
+    response = _response(float(width), float(floor))  # [p, h]
+    prior_term = _log_prior_response(np.ascontiguousarray(prior, dtype=np.float64).tobytes(), float(width), float(floor))
+    z = np.log(_posterior(counts, shift, sigma, temper, prior, trials) @ response) - prior_term
     none = counts.sum(axis=1) == 0
     if trials is not None:
         none &= ~trials.any()
@@ -239,11 +272,11 @@ def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray, trials: 
 
 def send_trials(X: np.ndarray, cols: dict[str, int], channel: str) -> Trials:
     """The channel's past sends and opens per local hour of a prepared matrix (none if the columns are absent)."""
-    names = [f"{channel}_sent_hour_{h:02d}" for h in HOURS]
+    names = _hour_names(channel + "_sent_hour_{h:02d}")
     if names[0] not in cols:
         return Trials(np.zeros((len(X), 24)), np.zeros((len(X), 24)))
     sent = _zeroed(X[:, [cols[n] for n in names]])
-    opened = _zeroed(X[:, [cols[f"{channel}_opened_hour_{h:02d}"] for h in HOURS]])
+    opened = _zeroed(X[:, [cols[n] for n in _hour_names(channel + "_opened_hour_{h:02d}")]])
     return Trials(sent, np.minimum(opened, sent))
 
 
@@ -288,16 +321,18 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
         """Category code of each row's group, -1 when unknown."""
         if GROUP not in self.matrix.categories_:
             return np.full(len(X), -1)
-        return np.nan_to_num(X[:, self.cols[GROUP]], nan=-1).astype(int)
+        code = X[:, self.cols[GROUP]].astype(np.float64)
+        code[np.isnan(code)] = -1
+        return code.astype(int)
 
-    def open_curve_matrix(self, X: np.ndarray, channel: str,
-                          counts: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def open_curve_matrix(self, X: np.ndarray, channel: str, counts: dict[str, np.ndarray] | None = None,
+                          code: np.ndarray | None = None) -> np.ndarray:
         """P(open within 24 h) at each local send hour, (rows, 24), for a prepared matrix.
 
         At hours without training sends (see ``allowed_hours``) the curve is an extrapolation, never chosen.
         """
         f = self._fit(channel)
-        code = self.group_codes(X)
+        code = self.group_codes(X) if code is None else code
         base = np.where((code >= 0)[:, None], f.group_curves[np.maximum(code, 0)], f.global_curve)
         own, every, level = evidence_inputs(X, self.cols, channel, counts)
         z = f.theta[1] * evidence_curve(own, f.evidence, f.prior, f.trials(X, self.cols, channel))
@@ -307,7 +342,8 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
     def open_curves(self, X: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`open_curve_matrix` for every modelled channel, sharing the per-hour engagement counts."""
         counts = {c: hour_counts(X, self.cols, c) for c in CHANNELS}
-        return {ch: self.open_curve_matrix(X, ch, counts) for ch in self.fits}
+        code = self.group_codes(X)
+        return {ch: self.open_curve_matrix(X, ch, counts, code) for ch in self.fits}
 
     def allowed_hours(self, channel: str, allowed: list[int] | None = None) -> np.ndarray:
         """Hours that may be recommended: with training sends, and inside ``allowed`` (default 0-23)."""
