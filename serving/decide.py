@@ -90,6 +90,11 @@ def _allowed_uncached(hours: Sequence[int], supported: np.ndarray) -> list[int]:
     return [h for h in hours if h in chosen]
 
 
+def _floats(values) -> list[float]:
+    """Scores as a list of plain floats (faster than numpy on a few values); lists pass through."""
+    return values if type(values) is list else values.tolist()
+
+
 def _best_hour(scores: CustomerScores, channel: str, policy: Policy) -> tuple[int | None, float | None]:
     """Best allowed local hour on a channel and its open rate (rate None without a curve)."""
     curve = scores.open_curves.get(channel)
@@ -98,7 +103,7 @@ def _best_hour(scores: CustomerScores, channel: str, policy: Policy) -> tuple[in
     hours = _allowed(policy.open_hour_list, scores.supported_hours.get(channel))
     if not hours:
         return None, None
-    rates = curve.tolist()  # plain floats: faster than numpy on 24 values
+    rates = _floats(curve)
     hour = max(hours, key=rates.__getitem__)
     return hour, rates[hour]
 
@@ -161,7 +166,7 @@ def _offers(scores: CustomerScores, policy: Policy, eligible: dict[str, ChannelS
     arms, p, profit = scores.arms, scores.p_convert, scores.incremental_profit
     if p is None or profit is None or CONTROL_ARM not in arms:
         return []
-    p_list, profit_list = p.tolist(), profit.tolist()
+    p_list, profit_list = _floats(p), _floats(profit)
     p0 = p_list[arms.index(CONTROL_ARM)]
     names = frozenset(eligible)
     out = []
@@ -319,7 +324,7 @@ def _note_quiet_best(scores: CustomerScores, policy: Policy, chosen: ChannelScor
     curve = scores.open_curves.get(chosen.channel)
     if curve is None or policy.quiet_hours is None:
         return
-    rates = curve.tolist()
+    rates = _floats(curve)
     free = max(_allowed(range(24), scores.supported_hours.get(chosen.channel)), key=rates.__getitem__)
     if free != chosen.best_local_hour and not policy.open_hours[free]:
         sup.append(Suppression("quiet_hours", f"channel:{chosen.channel}",

@@ -197,6 +197,10 @@ class Scorer:
         arms = list(self.nbo.arms) if self.nbo is not None else []
         arm_channels = list(self.nbo.arm_channels) if self.nbo is not None else []
         supported = self.supported if self.send_time is not None else {}
+        # Model outputs as plain lists, one conversion per matrix: decide reads them value by value.
+        p_rows = p.tolist() if p is not None else None
+        profit_rows = profit.tolist() if profit is not None else None
+        curve_rows = {ch: c.tolist() for ch, c in curves.items()}
         out = []
         for i, cid in enumerate(customer_ids):
             found = timestamps[i] is not None
@@ -216,10 +220,10 @@ class Scorer:
                 churn_reasons=codes[i],
                 expected_value=values_list[i],
                 arms=arms,
-                p_convert=p[i] if p is not None else None,
-                incremental_profit=profit[i] if profit is not None else None,
+                p_convert=p_rows[i] if p_rows is not None else None,
+                incremental_profit=profit_rows[i] if profit_rows is not None else None,
                 arm_channels=arm_channels,
-                open_curves={ch: c[i] for ch, c in curves.items()},
+                open_curves={ch: c[i] for ch, c in curve_rows.items()},
                 supported_hours=supported,
                 model_versions=self.versions,
             ))

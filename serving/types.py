@@ -41,14 +41,15 @@ class CustomerScores:
     churn_probability: float | None = None
     churn_reasons: list[str] = field(default_factory=list)
     expected_value: float = 0.0  # expected revenue over the churn horizon (value at risk = p * this)
-    # Next-best-offer model: arms[0] is the control ("none"); p_convert and profit align with arms.
+    # Next-best-offer model: arms[0] is the control ("none"); p_convert and profit align with arms. Arrays or
+    # plain lists of floats (Scorer.score converts a whole matrix to lists at once: cheaper than per customer).
     arms: list[str] = field(default_factory=list)
-    p_convert: np.ndarray | None = None  # P(convert | message with this arm)
-    incremental_profit: np.ndarray | None = None  # (p_arm - p_none) * margin * revenue - p_arm * cost
+    p_convert: np.ndarray | list[float] | None = None  # P(convert | message with this arm)
+    incremental_profit: np.ndarray | list[float] | None = None  # (p_arm - p_none) * margin * revenue - p_arm * cost
     arm_channels: list[frozenset[str]] = field(default_factory=list)  # empty set = every channel
     # Send-time model: per channel, P(open within 24 h) at each local hour 0-23, and the hours with
     # training sends (only those may be recommended).
-    open_curves: dict[str, np.ndarray] = field(default_factory=dict)
+    open_curves: dict[str, np.ndarray | list[float]] = field(default_factory=dict)
     supported_hours: dict[str, np.ndarray] = field(default_factory=dict)
     model_versions: dict[str, str] = field(default_factory=dict)  # model name -> registry version
 

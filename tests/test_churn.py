@@ -70,6 +70,21 @@ def test_reason_codes_are_features_pushing_risk_up(trained):
             assert contrib[i, model.feature_names.index(name)] > 0
 
 
+def test_one_customer_scores_as_in_a_matrix(trained):
+    """A request's one row goes through LightGBM's single-row fast path: the same probability and SHAP values."""
+    import cloudpickle
+
+    _, result = trained
+    model = result.python_model
+    X = model.prepare(result.holdout.head(100))
+    singles = np.concatenate([model.score_matrix(X[i:i + 1]) for i in range(len(X))])
+    np.testing.assert_array_equal(singles, model.score_matrix(X))
+    contrib = np.vstack([model.contributions(X[i:i + 1]) for i in range(len(X))])
+    np.testing.assert_allclose(contrib, model.booster.predict(X, pred_contrib=True)[:, :-1], rtol=0, atol=1e-12)
+    clone = cloudpickle.loads(cloudpickle.dumps(model))  # the fast path's C handles stay out of the pickle
+    np.testing.assert_array_equal(clone.score_matrix(X[:1]), singles[:1])
+
+
 def test_evaluate_on_unpickled_model_matches_train_metrics(trained):
     import cloudpickle
 

@@ -196,6 +196,14 @@ def test_evaluate_on_unpickled_model_matches_train_metrics(trained):
     assert clone.score_matrix(X).shape == (3, len(clone.arms))
 
 
+def test_one_customer_scores_as_in_a_matrix(trained):
+    """A request's one row goes through LightGBM's single-row fast path: the same probabilities per arm."""
+    model = trained[0].python_model
+    X = model.prepare(trained[0].holdout.head(60))
+    singles = np.vstack([model.score_matrix(X[i:i + 1]) for i in range(len(X))])
+    np.testing.assert_array_equal(singles, model.score_matrix(X))
+
+
 def test_registered_model_loads_predicts_and_is_gated_on_the_same_holdout(trained, sim_home, mlflow_uri):
     import mlflow
 

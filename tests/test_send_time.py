@@ -99,6 +99,17 @@ def test_predict_output_and_allowed_window(trained):
     assert model.open_curve_matrix(X, channel).shape == (len(X), 24)
 
 
+def test_one_customer_curves_equal_the_matrix_rows(trained):
+    """The scoring service's one-row calls (cached kernels and priors) give the rows of a bulk call (to the last
+    bits a matrix product of another shape may round differently)."""
+    model = trained[0].python_model
+    X = model.prepare(trained[0].holdout.head(80))
+    bulk = model.open_curves(X)
+    for i in range(len(X)):
+        for channel, curve in model.open_curves(X[i:i + 1]).items():
+            np.testing.assert_allclose(curve[0], bulk[channel][i], rtol=1e-12, atol=0)
+
+
 def test_evaluate_on_unpickled_model_matches_train_metrics(trained):
     import cloudpickle
 
