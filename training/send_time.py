@@ -261,7 +261,8 @@ def evidence_curve(counts: np.ndarray, ev: Evidence, prior: np.ndarray, trials: 
     """log E[response(h)] under the posterior minus under the prior, (rows, 24); 0 without evidence."""
     shift, sigma, width, floor, temper = ev
     response = _response(float(width), float(floor))  # [p, h]
-    prior_term = _log_prior_response(np.ascontiguousarray(prior, dtype=np.float64).tobytes(), float(width), float(floor))
+    prior_bytes = np.ascontiguousarray(prior, dtype=np.float64).tobytes()
+    prior_term = _log_prior_response(prior_bytes, float(width), float(floor))
     z = np.log(_posterior(counts, shift, sigma, temper, prior, trials) @ response) - prior_term
     none = counts.sum(axis=1) == 0
     if trials is not None:
