@@ -100,6 +100,10 @@ def _best_hour(scores: CustomerScores, channel: str, policy: Policy) -> tuple[in
     curve = scores.open_curves.get(channel)
     if curve is None:
         return policy.send_time.default_local_hour, None
+    if scores.best_hours_for is not None and scores.best_hours_for == policy.open_hour_list:
+        found = scores.best_hours.get(channel)
+        if found is not None:
+            return found[0], found[1]
     hours = _allowed(policy.open_hour_list, scores.supported_hours.get(channel))
     if not hours:
         return None, None
@@ -324,8 +328,12 @@ def _note_quiet_best(scores: CustomerScores, policy: Policy, chosen: ChannelScor
     curve = scores.open_curves.get(chosen.channel)
     if curve is None or policy.quiet_hours is None:
         return
-    rates = _floats(curve)
-    free = max(_allowed(range(24), scores.supported_hours.get(chosen.channel)), key=rates.__getitem__)
+    found = scores.best_hours.get(chosen.channel)
+    if found is not None:
+        free = found[2]
+    else:
+        rates = _floats(curve)
+        free = max(_allowed(range(24), scores.supported_hours.get(chosen.channel)), key=rates.__getitem__)
     if free != chosen.best_local_hour and not policy.open_hours[free]:
         sup.append(Suppression("quiet_hours", f"channel:{chosen.channel}",
                                f"best hour {free:02d}:00 is inside quiet hours; sending at "

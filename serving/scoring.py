@@ -127,6 +127,23 @@ def _optionals(x: np.ndarray) -> list[float | None]:
     return [None if v != v else v for v in np.asarray(x, dtype=np.float64).tolist()]
 
 
+def _best_hours(curves: np.ndarray, supported: np.ndarray, hours: tuple[int, ...]) -> list[tuple]:
+    """Per row of (rows, 24) open-rate curves: (the best supported hour among ``hours`` or None, its rate, the
+    best supported hour of all). The first of equal hours wins, as in ``serving.decide``."""
+    supported = np.asarray(supported)
+    if supported.dtype != bool:  # an array of hours
+        supported = np.isin(np.arange(24), supported % 24)
+    window = np.zeros(24, dtype=bool)
+    window[list(hours)] = True
+    allowed = supported & window
+    rows = np.arange(len(curves))
+    free = np.where(supported, curves, -np.inf).argmax(axis=1).tolist()
+    if not allowed.any():
+        return [(None, None, f) for f in free]
+    best = np.where(allowed, curves, -np.inf).argmax(axis=1)
+    return list(zip(best.tolist(), curves[rows, best].tolist(), free, strict=True))
+
+
 class Scorer:
     """Scores customers with a bundle of loaded models (any of them may be missing)."""
 
@@ -151,11 +168,14 @@ class Scorer:
 
     def score(self, customer_ids: Sequence[str], values: Mapping[str, Sequence],
               timestamps: Sequence[datetime | None], degraded: bool = False, *,
-              reasons: bool = True) -> list[CustomerScores]:
+              reasons: bool = True, open_hours: Sequence[int] | None = None) -> list[CustomerScores]:
         """Model outputs for each customer; ``values`` holds feature columns (None = missing).
 
         ``reasons=False`` leaves ``churn_reasons`` empty (batch scoring adds them with :meth:`churn_reasons`
-        to the rows it writes only: they cost far more than the scores).
+        to the rows it writes only: they cost far more than the scores). ``open_hours`` (the policy's hours
+        outside quiet hours, ascending) fills ``best_hours`` for the whole matrix at once, which a policy with
+        those hours reads instead of searching each customer's curves (batch scoring; the same hours come out,
+        ``tests/test_batch_score.py`` checks rows against the API's answers).
         """
         n = len(customer_ids)
         num = {name: column(values, name, n) for name in (
@@ -200,7 +220,14 @@ class Scorer:
         # Model outputs as plain lists, one conversion per matrix: decide reads them value by value.
         p_rows = p.tolist() if p is not None else None
         profit_rows = profit.tolist() if profit is not None else None
-        curve_rows = {ch: c.tolist() for ch, c in curves.items()}
+        best_rows: dict[str, list] = {}
+        curve_rows: Mapping[str, np.ndarray | list]
+        hours = tuple(open_hours) if open_hours is not None else None
+        if hours is not None:
+            best_rows = {ch: _best_hours(c, self.supported[ch], hours) for ch, c in curves.items()}
+            curve_rows = curves  # a row view per customer: the policy reads best_rows
+        else:
+            curve_rows = {ch: c.tolist() for ch, c in curves.items()}
         out = []
         for i, cid in enumerate(customer_ids):
             found = timestamps[i] is not None
@@ -224,6 +251,8 @@ class Scorer:
                 incremental_profit=profit_rows[i] if profit_rows is not None else None,
                 arm_channels=arm_channels,
                 open_curves={ch: c[i] for ch, c in curve_rows.items()},
+                best_hours={ch: b[i] for ch, b in best_rows.items()},
+                best_hours_for=hours if best_rows else None,
                 supported_hours=supported,
                 model_versions=self.versions,
             ))

@@ -51,6 +51,11 @@ class CustomerScores:
     # training sends (only those may be recommended).
     open_curves: dict[str, np.ndarray | list[float]] = field(default_factory=dict)
     supported_hours: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per channel with a curve: (best supported hour among ``best_hours_for`` or None, its open rate, best
+    # supported hour of all 24), found for a whole matrix at once (batch scoring). The policy uses them when
+    # its open hours are ``best_hours_for``, and works them out from ``open_curves`` otherwise.
+    best_hours: dict[str, tuple[int | None, float | None, int]] = field(default_factory=dict)
+    best_hours_for: tuple[int, ...] | None = None
     model_versions: dict[str, str] = field(default_factory=dict)  # model name -> registry version
 
 
