@@ -2,6 +2,7 @@
 
     python bench/bench_batch_score.py --home /path/to/home1m [--workers 2] [--top 100000] [--spark]
 
+Each run's decisions go to an empty SQLite database of its own in the output folder.
 Needs the home's warehouse (ingested) and champions in the registry MLFLOW_TRACKING_URI points at (models
 trained on a smaller world are fine: the feature lists match). The as-of snapshot is built first when
 missing (timed apart: `engage features build` does the same).
@@ -94,6 +95,7 @@ def main() -> None:
           f"({time.perf_counter() - started:.1f} s)")
 
     started = time.perf_counter()
+    _fresh_log(out_dir, "full")
     opts = batch.BatchOptions(out=out_dir / "full.parquet", overwrite=True, workers=args.workers, run_id="bench")
     plan_ = batch.plan(args.home, opts)
     print(f"plan + model load: {time.perf_counter() - started:.1f} s; models {plan_.context.versions}; "
@@ -105,6 +107,7 @@ def main() -> None:
 
     rate_top = None
     if args.top:
+        _fresh_log(out_dir, "top")
         opts_top = batch.BatchOptions(out=out_dir / "top.parquet", overwrite=True, workers=args.workers,
                                       run_id="bench", top=args.top)
         _, top = batch.run_local(batch.plan(args.home, opts_top, models=_models(plan_)))
@@ -121,6 +124,7 @@ def main() -> None:
     if args.spark:
         from serving.spark_batch import run_spark
 
+        _fresh_log(out_dir, "spark")
         opts_spark = batch.BatchOptions(out=out_dir / "spark.parquet", overwrite=True, run_id="bench")
         s = run_spark(batch.plan(args.home, opts_spark, directory_ok=True, models=_models(plan_)))
         spark_rate = s.rate
@@ -139,6 +143,12 @@ def main() -> None:
           f"{'met' if full.rate >= 1e6 / 90 else 'NOT met'}")
     print(f"outputs in {out_dir}")
     np.seterr(all="ignore")
+
+
+def _fresh_log(out_dir: Path, run: str) -> None:
+    """Each run logs its decisions into an empty SQLite database of its own (the same run id in one database
+    would make the later runs' inserts skip rows already there)."""
+    os.environ["ENGAGE_SERVING_DB_URL"] = f"sqlite:///{(out_dir / f'decisions-{run}.db').resolve()}"
 
 
 def _models(plan_):

@@ -89,17 +89,14 @@ import json
 import math
 import multiprocessing
 import os
-import queue
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -163,7 +160,6 @@ OUTPUT_SCHEMA = pa.schema([
     ("run_id", pa.string()),
 ])
 # The chunk step's output: every column but the rank (given after the global sort).
-T = TypeVar("T")
 CHUNK_SCHEMA = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "rank"])
 # Sort keys, in order: (column, descending). Nulls last everywhere; ``_acting`` = action != "none", or for the
 # control group intended_action != "none" (see the module docstring).
@@ -692,53 +688,13 @@ def log_decisions(plan_: BatchPlan, listed: pa.Table, on_progress: Callable[[int
     chunks = (decision_columns(listed.slice(start, LOG_BATCH_ROWS), id_key=ctx.id_key, run_id=ctx.run_id,
                                as_of=ctx.as_of, versions=ctx.versions)
               for start in range(0, listed.num_rows, LOG_BATCH_ROWS))
-    try:  # the next chunk is prepared (JSON by DuckDB, ids hashed) while SQLite inserts this one
-        return bulk_insert(plan_.engine, decisions, prefetched(chunks), encoded=ENCODED, on_chunk=on_progress)
+    try:
+        return bulk_insert(plan_.engine, decisions, chunks, encoded=ENCODED, on_chunk=on_progress)
     except Exception as exc:  # refused or unreachable: nothing is logged (one transaction); say how to finish
         raise BatchError(f"wrote {plan_.out}, but its {listed.num_rows:,} decisions did not reach the decision log "
                          f"({decision_log_url(plan_.engine)}, table {decisions.name}): {_describe(exc)}. Feedback "
                          "for them is refused until they are logged: run the same command again with --overwrite "
                          "(nothing is logged twice)") from exc
-
-
-def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """``items``, produced by a background thread up to ``depth`` ahead of the consumer (its exception is raised
-    here, in order); stopping early stops the producer."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-            put((False, None))
-        except BaseException as exc:  # handed to the consumer
-            put((False, exc))
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = ready.get()
-            if ok:
-                yield item
-            elif item is None:
-                return
-            else:
-                raise item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def decision_log_url(engine) -> str:

@@ -365,29 +365,3 @@ def test_workers_agree(serving_env, tmp_path: Path) -> None:
     b, _ = batch.run_local(two)
     assert a.equals(b)
 
-
-def test_prefetched_keeps_order_raises_in_place_and_stops_early() -> None:
-    """The decision log prepares its next chunk in a thread: same items, same order, errors where they happen."""
-    assert list(batch.prefetched(iter(range(50)), depth=2)) == list(range(50))
-
-    def failing():
-        yield 1
-        yield 2
-        raise ValueError("chunk 3 is bad")
-
-    got = []
-    with pytest.raises(ValueError, match="chunk 3 is bad"):
-        for item in batch.prefetched(failing()):
-            got.append(item)
-    assert got == [1, 2]
-    produced = []
-
-    def endless():
-        for i in range(10**9):
-            produced.append(i)
-            yield i
-
-    stream = batch.prefetched(endless(), depth=1)
-    assert next(stream) == 0
-    stream.close()  # the consumer stops: the producer thread stops too, a few items ahead at most
-    assert len(produced) <= 3
