@@ -33,8 +33,9 @@ Steps (the local engine; ``serving/spark_batch.py`` runs the same chunk step on 
    distribution and the cumulative expected profit of the list); a :class:`BatchSummary`.
 6. **Log** the listed rows' decisions to the decision log (:func:`log_decisions`: table ``decisions`` of
    the serving database, ``source`` = ``batch``, ``decided_at`` = the as-of time), only once the list file
-   is in place. Decision ids are hashes like the exposure ids and the insert skips ids already there, so a
-   re-run logs nothing twice, and a run whose logging failed is repaired by running it again.
+   is in place, in one transaction (all of the list's decisions or none; rows built by
+   ``serving/batch_log.py``). Decision ids are hashes like the exposure ids and the insert skips ids already
+   there, so a re-run logs nothing twice, and a run whose logging failed is repaired by running it again.
 
 **The control group.** Customers in the policy's holdout (``holdout.share``, a salted hash of the customer
 id, see ``serving/policy.py``) get the API's answer for them: ``action`` none, ``action_reason`` holdout,
