@@ -251,17 +251,25 @@ def _processed(values: list, proc: Callable[[Any], Any] | None) -> list:
     memo: dict = {}
     same: dict[int, tuple] = {}  # unhashable values (dicts for JSON) repeated as one object: by identity
     out = []
+    last: Any = memo  # the previous value and its result: a column of one repeated object costs a check a row
+    last_out: Any = None
     for v in values:
+        if v is last:
+            out.append(last_out)
+            continue
+        last = v
         try:
             hit = memo.get(v, memo)
         except TypeError:
             seen = same.get(id(v))
             if seen is None:
                 seen = same[id(v)] = (v, proc(v))  # keeps v alive, so its id is not reused meanwhile
-            out.append(seen[1])
+            last_out = seen[1]
+            out.append(last_out)
             continue
         if hit is memo:
             hit = memo[v] = proc(v)
+        last_out = hit
         out.append(hit)
     return out
 

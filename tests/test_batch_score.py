@@ -130,6 +130,8 @@ def test_exposure_ids_are_deterministic_and_logged(full_run, serving_env, tmp_pa
     assert log["holdout"].astype(bool).tolist() == full["holdout"].tolist()
     assert log["action"].tolist() == full["action"].tolist()
     assert (pd.to_datetime(log["decided_at"], utc=True) == full["as_of"].iloc[0]).all()
+    sent = pd.to_datetime(log["send_at"], utc=True).tolist()
+    assert sent == pd.to_datetime(full["send_at"], utc=True).tolist() and full["send_at"].notna().sum() > 10
     held, payload = full["holdout"].to_numpy(), log["payload"].to_numpy()
     assert [p["intended_action"] for p in payload[held]] == full.loc[held, "intended_action"].tolist()
     assert [p["intended_offer"] for p in payload[held]] == full.loc[held, "best_offer"].tolist()
