@@ -115,7 +115,7 @@ from features.snapshots import (
     snapshot_file,
     to_utc,
 )
-from serving.batch_log import ENCODED, _hash_id, decision_columns, exposure_id
+from serving.batch_log import ENCODED, decision_columns, exposure_id, hash_id
 from serving.decide import decide
 from serving.policy import Holdout, Policy
 from serving.scoring import POLICY_FEATURES, Scorer
@@ -228,7 +228,7 @@ def _id_key(as_of: datetime, versions: dict[str, str], run_id: str) -> str:
 def default_run_id(as_of: datetime, versions: dict[str, str], policy: Policy, channel: str | None) -> str:
     """The run id when none is given: the same job (as-of time, champions, policy, channel) gets the same one."""
     key = _id_key(as_of, versions, "") + "\x1f" + policy.model_dump_json() + "\x1f" + (channel or "")
-    return "batch-" + _hash_id(key)[:20]
+    return "batch-" + hash_id(key)[:20]
 
 
 @dataclass

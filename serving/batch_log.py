@@ -19,17 +19,18 @@ import duckdb
 import pyarrow as pa
 
 
-def _hash_id(*parts: str) -> str:
+def hash_id(*parts: str) -> str:
+    """A 32-hex-digit id from ``parts`` (run ids, exposure and decision ids of batch lists)."""
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 
 
 def exposure_id(id_key: str, customer_id: str) -> str:
     """The exposure id of a listed customer with an action: deterministic, so a re-run gives the same one."""
-    return _hash_id("exposure", id_key, customer_id)
+    return hash_id("exposure", id_key, customer_id)
 
 
 def decision_id(id_key: str, customer_id: str) -> str:
-    return _hash_id("decision", id_key, customer_id)
+    return hash_id("decision", id_key, customer_id)
 
 
 # The list's columns a decision-log row is made of.

@@ -129,10 +129,8 @@ def _optionals(x: np.ndarray) -> list[float | None]:
 
 def _best_hours(curves: np.ndarray, supported: np.ndarray, hours: tuple[int, ...]) -> list[tuple]:
     """Per row of (rows, 24) open-rate curves: (the best supported hour among ``hours`` or None, its rate, the
-    best supported hour of all). The first of equal hours wins, as in ``serving.decide``."""
-    supported = np.asarray(supported)
-    if supported.dtype != bool:  # an array of hours
-        supported = np.isin(np.arange(24), supported % 24)
+    best supported hour of all); ``supported`` is the send-time model's (24,) bool mask. The first of equal hours
+    wins, as in ``serving.decide``."""
     window = np.zeros(24, dtype=bool)
     window[list(hours)] = True
     allowed = supported & window

@@ -180,13 +180,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cur.close()
 
 
-def insert_ignoring_existing(engine: Engine, table: sa.Table, columns: dict[str, list], *,
-                             encoded: Collection[str] = ()) -> None:
-    """Insert rows given as column lists (every column of ``table``), skipping rows whose keys exist; one
-    transaction. See :func:`bulk_insert`."""
-    bulk_insert(engine, table, [columns], encoded=encoded)
-
-
 def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[dict[str, list]], *, encoded: Collection[str] = (),
                 on_chunk: Callable[[int], None] | None = None) -> int:
     """Insert chunks of rows given as column lists (every column of ``table``), skipping rows whose keys exist,

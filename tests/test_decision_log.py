@@ -203,7 +203,7 @@ def test_flushing_twice_stores_each_record_once(db) -> None:
     assert _stored(engine) == 3
 
 
-# -- insert_ignoring_existing: the batch job's bulk path ---------------------------------------------------
+# -- bulk_insert: the batch job's bulk path ---------------------------------------------------
 
 
 def _bulk_columns(ids: list[int]) -> dict[str, list]:
@@ -237,7 +237,7 @@ def _rows(engine: sa.Engine) -> list[dict]:
 
 def _bulk_matches_orm_path(url_a: str, url_b: str) -> None:
     """Rows stored by the bulk path read back exactly as rows stored by SQLAlchemy's own executemany."""
-    from serving.servingdb import bulk_insert, insert_ignoring_existing, upsert
+    from serving.servingdb import bulk_insert, upsert
 
     bulk, plain = create_serving_engine(url_a), create_serving_engine(url_b)
     cols = _bulk_columns(list(range(12)))
@@ -263,12 +263,12 @@ def _bulk_matches_orm_path(url_a: str, url_b: str) -> None:
     assert by_id["d1"]["model_versions"] == {"churn": "3"} and by_id["d1"]["holdout"] is False
     assert by_id["d3"]["holdout"] is True and by_id["d3"]["exposure_id"] is None
     # Existing keys are skipped (a re-run of a batch job), new ones added.
-    insert_ignoring_existing(bulk, decisions, _bulk_columns(list(range(8, 16))))
+    bulk_insert(bulk, decisions, [_bulk_columns(list(range(8, 16)))])
     assert len(_rows(bulk)) == 16
     with pytest.raises(ValueError, match="no values for column"):
-        insert_ignoring_existing(bulk, decisions, {k: v for k, v in cols.items() if k != "payload"})
+        bulk_insert(bulk, decisions, [{k: v for k, v in cols.items() if k != "payload"}])
     with pytest.raises(ValueError, match="has 11 values"):
-        insert_ignoring_existing(bulk, decisions, {**cols, "source": ["batch"] * 11})
+        bulk_insert(bulk, decisions, [{**cols, "source": ["batch"] * 11}])
     assert len(_rows(bulk)) == 16  # refused before writing
 
 
