@@ -86,6 +86,7 @@ Output columns (:data:`OUTPUT_SCHEMA`, one row per selected customer, in rank or
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -767,12 +768,16 @@ def _map_snapshot(plan_: BatchPlan, step: str, columns: list[str], listed: pa.Ar
             done(*_file_part(step, plan_.context, path, columns, opts.chunk_size, groups, listed), size)
     else:
         _WORKER = (step, plan_.context, path, columns, opts.chunk_size, listed)
+        # Objects the workers inherit (models, policy) go to the collector's permanent generation first: the
+        # workers' collections then never walk them (nor touch, and so copy, their pages).
+        gc.freeze()
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for (part, n), size in zip(pool.imap(_run_task, tasks), sizes, strict=True):
                     done(part, n, size)
         finally:
             _WORKER = None
+            gc.unfreeze()
     empty = CHUNK_SCHEMA.empty_table() if step == "score" else REASON_SCHEMA.empty_table()
     return (pa.concat_tables(parts) if parts else empty), total
 

@@ -78,6 +78,15 @@ def test_settings_refuse_missing_or_short_keys(serving_env, monkeypatch):
         ServingSettings.from_env(serving_env.home)
 
 
+def test_settings_read_the_flush_period_from_the_environment_and_refuse_bad_ones(serving_env, monkeypatch):
+    monkeypatch.setenv("ENGAGE_DECISION_FLUSH_S", "1.5")
+    assert ServingSettings.from_env(serving_env.home).decision_flush_s == 1.5
+    for bad in ("0", "-1", "61", "soon"):
+        monkeypatch.setenv("ENGAGE_DECISION_FLUSH_S", bad)
+        with pytest.raises(ValueError, match="decision_flush_s"):
+            ServingSettings.from_env(serving_env.home)
+
+
 # ---- recommendations ------------------------------------------------------------------------------
 
 def test_recommendation_answers_every_question(client, customers):
