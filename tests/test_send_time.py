@@ -99,15 +99,25 @@ def test_predict_output_and_allowed_window(trained):
     assert model.open_curve_matrix(X, channel).shape == (len(X), 24)
 
 
-def test_one_customer_curves_equal_the_matrix_rows(trained):
-    """The scoring service's one-row calls (cached kernels and priors) give the rows of a bulk call (to the last
-    bits a matrix product of another shape may round differently)."""
+def test_one_customer_curves_equal_the_matrix_rows(trained, monkeypatch):
+    """The scoring service's one-row calls (all channels stacked, cached kernels and priors) give the rows of a
+    bulk call, whether the bulk goes stacked or a channel at a time (to the last bits a matrix product of
+    another shape may round differently)."""
+    from training import send_time
+
     model = trained[0].python_model
     X = model.prepare(trained[0].holdout.head(80))
-    bulk = model.open_curves(X)
+    assert len(X) <= send_time.STACK_ROWS_MAX
+    stacked = model.open_curves(X)
+    monkeypatch.setattr(send_time, "STACK_ROWS_MAX", 10)
+    by_channel = model.open_curves(X)
+    assert set(stacked) == set(by_channel) == set(model.channels)
+    for channel in model.channels:
+        np.testing.assert_allclose(by_channel[channel], stacked[channel], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(model.open_curve_matrix(X, channel), stacked[channel], rtol=1e-12, atol=0)
     for i in range(len(X)):
         for channel, curve in model.open_curves(X[i:i + 1]).items():
-            np.testing.assert_allclose(curve[0], bulk[channel][i], rtol=1e-12, atol=0)
+            np.testing.assert_allclose(curve[0], stacked[channel][i], rtol=1e-12, atol=0)
 
 
 def test_evaluate_on_unpickled_model_matches_train_metrics(trained):

@@ -68,6 +68,7 @@ GROUP = "country"
 VALIDATION_SHARE = 0.2
 MIN_CHANNEL_SENDS = 100  # a channel (or group) with fewer training sends is not modelled on its own
 Evidence = tuple[float, float, float, float, float]  # shift, sigma, width, floor, tempering
+STACK_ROWS_MAX = 256  # open_curves computes up to this many rows for all channels at once
 _DIFF = (HOURS[:, None] - HOURS[None, :] + 12) % 24 - 12  # signed circular a - b
 _FLAT = np.full(24, 1 / 24)
 
@@ -294,6 +295,64 @@ def evidence_inputs(X: np.ndarray, cols: dict[str, int], channel: str,
     return own, every, np.log1p(np.column_stack([own.sum(axis=1), every.sum(axis=1), active]))
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """Several channels' fitted parameters as arrays with a leading channel axis (see ``open_curves``)."""
+
+    group_logits: np.ndarray  # (C, groups, 24)
+    global_logits: np.ndarray  # (C, 24)
+    temper: np.ndarray  # (C, 1, 1)
+    own_log_kappa: np.ndarray  # (C, 24, 24)
+    every_log_kappa: np.ndarray  # (24, 24): shift 0, sigma 2 for every channel
+    log_prior: np.ndarray  # (C, 1, 24)
+    response: np.ndarray  # (C, 24, 24)
+    own_prior_term: np.ndarray  # (C, 1, 24)
+    every_prior_term: np.ndarray  # (C, 1, 24)
+    trial_logs: tuple  # per channel: (log r, log 1 - r) of its past sends, None when they are not used
+    intercept: np.ndarray  # (C, 1, 1)
+    theta_own: np.ndarray  # (C, 1, 1)
+    theta_every: np.ndarray  # (C, 1, 1)
+    theta_level: np.ndarray  # (C, 3)
+
+    @classmethod
+    def of(cls, fits: list[ChannelFit]) -> _Stack:
+        def column(values) -> np.ndarray:
+            return np.asarray(values, dtype=np.float64)[:, None, None]
+
+        def prior_term(prior: np.ndarray, f: ChannelFit) -> np.ndarray:
+            return _log_prior_response(np.ascontiguousarray(prior, dtype=np.float64).tobytes(),
+                                       float(f.evidence[2]), float(f.evidence[3]))
+
+        return cls(
+            group_logits=np.stack([_logit(f.group_curves) for f in fits]),
+            global_logits=np.stack([_logit(f.global_curve) for f in fits]),
+            temper=column([f.evidence[4] for f in fits]),
+            own_log_kappa=np.stack([_log_kappa(float(f.evidence[0]), float(f.evidence[1])) for f in fits]),
+            every_log_kappa=_log_kappa(0.0, 2.0),
+            log_prior=np.stack([np.log(f.prior) for f in fits])[:, None, :],
+            response=np.stack([_response(float(f.evidence[2]), float(f.evidence[3])) for f in fits]),
+            own_prior_term=np.stack([prior_term(f.prior, f) for f in fits])[:, None, :],
+            every_prior_term=np.stack([prior_term(_FLAT, f) for f in fits])[:, None, :],
+            trial_logs=tuple(_trial_logs(float(f.evidence[2]), float(f.evidence[3]), float(f.send_base))
+                             if f.send_base > 0 else None for f in fits),
+            intercept=column([f.theta[0] for f in fits]),
+            theta_own=column([f.theta[1] for f in fits]),
+            theta_every=column([f.theta[2] for f in fits]),
+            theta_level=np.stack([np.asarray(f.theta[3:], dtype=np.float64) for f in fits]),
+        )
+
+
+def _stacked_evidence(logpost: np.ndarray, response: np.ndarray, prior_term: np.ndarray,
+                      none: np.ndarray) -> np.ndarray:
+    """``evidence_curve`` from a (C, rows, 24) log posterior: log E[response] minus under the prior, 0 where
+    ``none`` (C, rows) says there was no evidence."""
+    post = np.exp(logpost - logpost.max(axis=2, keepdims=True))
+    post = post / post.sum(axis=2, keepdims=True)
+    z = np.log(post @ response) - prior_term
+    z[none] = 0.0
+    return z
+
+
 class SendTimeModel(mlflow.pyfunc.PythonModel):
     """Open-rate curves per customer and channel, and the best local hour to send.
 
@@ -332,19 +391,66 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
 
         At hours without training sends (see ``allowed_hours``) the curve is an extrapolation, never chosen.
         """
-        f = self._fit(channel)
-        code = self.group_codes(X) if code is None else code
-        base = np.where((code >= 0)[:, None], f.group_curves[np.maximum(code, 0)], f.global_curve)
-        own, every, level = evidence_inputs(X, self.cols, channel, counts)
-        z = f.theta[1] * evidence_curve(own, f.evidence, f.prior, f.trials(X, self.cols, channel))
-        z += f.theta[2] * evidence_curve(every, (0.0, 2.0, *f.evidence[2:]), _FLAT)
-        return 1 / (1 + np.exp(-(_logit(base) + f.theta[0] + z + (level @ f.theta[3:])[:, None])))
+        return self.open_curves(X, (channel,), counts, code)[channel]
 
-    def open_curves(self, X: np.ndarray) -> dict[str, np.ndarray]:
-        """:meth:`open_curve_matrix` for every modelled channel, sharing the per-hour engagement counts."""
-        counts = {c: hour_counts(X, self.cols, c) for c in CHANNELS}
-        code = self.group_codes(X)
-        return {ch: self.open_curve_matrix(X, ch, counts, code) for ch in self.fits}
+    def open_curves(self, X: np.ndarray, channels: tuple[str, ...] | None = None,
+                    counts: dict[str, np.ndarray] | None = None, code: np.ndarray | None = None
+                    ) -> dict[str, np.ndarray]:
+        """Open-rate curves of ``channels`` (default: every modelled one), ``{channel: (rows, 24)}``.
+
+        Up to :data:`STACK_ROWS_MAX` rows, the channels are computed together, as (channels, rows, 24) stacks
+        with each channel's kernels and coefficients stacked once per model (:class:`_Stack`): a scoring
+        request's customer costs one pass of numpy calls for all channels instead of one per channel (about
+        0.43 -> 0.17 ms for four channels). Bigger matrices go a channel at a time: four channels' stacks of
+        thousands of rows outgrow the CPU cache and cost half as much again per row.
+        """
+        channels = tuple(self.fits) if channels is None else tuple(channels)
+        counts = counts if counts is not None else {c: hour_counts(X, self.cols, c) for c in CHANNELS}
+        code = self.group_codes(X) if code is None else code
+        if len(X) > STACK_ROWS_MAX and len(channels) > 1:  # big matrices: a channel at a time stays in cache
+            return {c: self._curves(X, (c,), counts, code)[c] for c in channels}
+        return self._curves(X, channels, counts, code) if channels else {}
+
+    def _curves(self, X: np.ndarray, channels: tuple[str, ...], counts: dict[str, np.ndarray],
+                code: np.ndarray) -> dict[str, np.ndarray]:
+        k = self._stack(channels)
+        known = (code >= 0)[None, :, None]
+        base = np.where(known, k.group_logits[:, np.maximum(code, 0)], k.global_logits[:, None, :])
+        own = np.stack([counts[c] for c in channels])  # (C, rows, 24)
+        every = sum(counts[c] for c in CHANNELS)  # (rows, 24)
+        active = _zeroed(X[:, self.cols["active_days_30d"]])
+        own_total, every_total = own.sum(axis=2), np.broadcast_to(every.sum(axis=1), own.shape[:2])
+        level = np.log1p(np.stack([own_total, every_total, np.broadcast_to(active, own.shape[:2])], axis=2))
+        # The customer's own channel: engagement hours and, where fitted, past sends as Bernoulli trials.
+        logpost = k.temper * own @ k.own_log_kappa + k.log_prior
+        with_sends = [i for i, c in enumerate(channels) if k.trial_logs[i] is not None]
+        any_send = np.zeros(own.shape[:2], dtype=bool)
+        for i in with_sends:
+            t = self.fits[channels[i]].trials(X, self.cols, channels[i])
+            log_r, log_not_r = k.trial_logs[i]
+            logpost[i] = logpost[i] + (t.opened @ log_r + (t.sent - t.opened) @ log_not_r)
+            any_send[i] = t.any()
+        z_own = _stacked_evidence(logpost, k.response, k.own_prior_term, (own_total == 0) & ~any_send)
+        # Every channel's engagement, flat prior.
+        logpost = k.temper * every[None] @ k.every_log_kappa + np.log(_FLAT)
+        z_every = _stacked_evidence(logpost, k.response, k.every_prior_term, every_total == 0)
+        z = k.theta_own * z_own + k.theta_every * z_every
+        logit = base + k.intercept + z + (level @ k.theta_level[:, :, None])
+        out = 1 / (1 + np.exp(-logit))
+        return {c: out[i] for i, c in enumerate(channels)}
+
+    def _stack(self, channels: tuple[str, ...]) -> _Stack:
+        """The channels' parameters stacked for :meth:`open_curves`, built once per channel tuple."""
+        cache = self.__dict__.setdefault("_stacks", {})
+        found = cache.get(channels)
+        if found is None:
+            found = cache[channels] = _Stack.of([self._fit(c) for c in channels])
+        return found
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_stacks", None)  # derived from the fits; rebuilt on first use
+        return state
 
     def allowed_hours(self, channel: str, allowed: list[int] | None = None) -> np.ndarray:
         """Hours that may be recommended: with training sends, and inside ``allowed`` (default 0-23)."""
