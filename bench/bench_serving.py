@@ -163,6 +163,15 @@ def server_time(port: int) -> tuple[float, float]:
 
 # ---- the in-process floor: a spawned child on the server's core, run before the server starts -----------------
 
+def as_of(home: str) -> dict:
+    """``{"now": ...}`` an hour after the store's features when they are past their age limit today (a simulated
+    world's), so requests take the normal path instead of the stale-features one; else nothing."""
+    from serving.cli import _as_of_for_old_features
+
+    when = _as_of_for_old_features(Path(home))
+    return {"now": when} if when else {}
+
+
 def floor(home: str, n_sample: int, batch_size: int, db_url: str, cpus: list[int] | None) -> dict:
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -213,7 +222,7 @@ def floor(home: str, n_sample: int, batch_size: int, db_url: str, cpus: list[int
     services = [store.get_feature_service(m.feature_service) for m in manager.current.models.values()]
     svc = EngageService(ServingSettings(home=Path(home), api_keys=["x" * 32], reload_interval_s=0,
                                         serving_db_url=db_url))
-    reqs = {c: RecommendationRequest(customer_id=c) for c in mine["service"]}
+    reqs = {c: RecommendationRequest(customer_id=c, **as_of(home)) for c in mine["service"]}
     steps = {"read": lambda c: reader.read([c]), "models": predict, "read_score": lambda c: read_score([c]),
              "service": lambda c: svc.recommend([reqs[c]]),
              "feast_sdk": lambda c: [store.get_online_features(features=fs, entity_rows=[{ENTITY: c}]).to_dict()
@@ -353,11 +362,15 @@ def main() -> None:
     if not production:
         env["ENGAGE_SERVING_DB_URL"] = f"sqlite:///{work}/serving.db"
     rng = np.random.default_rng(SEED)
-    single = [http_request("POST", "/v1/recommendations", key, {"customer_id": c}) for c in ids]
+    when = as_of(str(home))
+    if when:
+        print(f"the store's features are past their age limit today: requests ask as of {when['now']}", flush=True)
+    single = [http_request("POST", "/v1/recommendations", key, {"customer_id": c, **when}) for c in ids]
     pick = lambda n: [single[j] for j in rng.integers(len(single), size=int(n))]  # noqa: E731
     size = min(args.batch_size, len(ids))
     bodies = [http_request("POST", "/v1/recommendations/batch", key, {"requests": [
-        {"customer_id": ids[j]} for j in rng.choice(len(ids), size, replace=False)]}) for _ in range(args.batches + 1)]
+        {"customer_id": ids[j], **when} for j in rng.choice(len(ids), size, replace=False)]})
+        for _ in range(args.batches + 1)]
     print(f"starting `engage serve` on 127.0.0.1:{port} (log: {work / 'server.log'}) ...", flush=True)
     proc = start_server(args.workers, port, env, work / "server.log", server_cpus)
     res: dict = {}

@@ -94,12 +94,48 @@ class MonitorConfig(_Strict):
         return self
 
 
+class ServingConfig(_Strict):
+    """The scoring service's reading of the online store."""
+
+    feature_max_age_days: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per feature view (its name without _fv, or `default` for the rest): online features older "
+                    "than this many days at the request's time are treated as missing and the answer is flagged "
+                    "stale. Views not listed (and no `default`) get features.snapshot_ttl_days, their Feast TTL.",
+    )
+
+    @model_validator(mode="after")
+    def _known_views(self) -> ServingConfig:
+        from features.catalog import VIEWS
+
+        unknown = sorted(set(self.feature_max_age_days) - set(VIEWS) - {"default"})
+        if unknown:
+            raise ValueError(f"feature_max_age_days: unknown feature view(s) {', '.join(unknown)} "
+                             f"(known: default, {', '.join(VIEWS)})")
+        bad = sorted(k for k, v in self.feature_max_age_days.items() if not v > 0)
+        if bad:
+            raise ValueError(f"feature_max_age_days: {', '.join(bad)} must be a positive number of days")
+        return self
+
+    def max_age_days(self, view: str, ttl_days: float) -> float:
+        """The age limit of a feature view (``view`` without the _fv suffix)."""
+        ages = self.feature_max_age_days
+        return ages.get(view, ages.get("default", ttl_days))
+
+
 class EngageConfig(_Strict):
     """All of Engage's tunable settings."""
 
     features: FeatureConfig = FeatureConfig()
     training: TrainingConfig = TrainingConfig()
     monitor: MonitorConfig = MonitorConfig()
+    serving: ServingConfig = ServingConfig()
+
+    def feature_max_ages(self) -> dict[str, float]:
+        """Age limit in days of every feature view (names without _fv)."""
+        from features.catalog import VIEWS
+
+        return {v: self.serving.max_age_days(v, self.features.snapshot_ttl_days) for v in VIEWS}
 
 
 class ConfigError(ValueError):

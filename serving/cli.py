@@ -55,11 +55,35 @@ def _print_example(settings, host: str, port: int) -> None:
         customer = sample_customers(settings.home, 1)[0]
     except (FeatureStoreError, IndexError, OSError):
         customer = "C0000001"
+    body, note = f'"customer_id": "{customer}"', ""
+    as_of = _as_of_for_old_features(settings.home)
+    if as_of is not None:
+        body += f', "now": "{as_of}"'
+        note = (f"\n(the store's newest features are older than their age limit today, as with the simulated demo "
+                f"world: this example asks as of {as_of}; without `now` answers say stale_features: true)")
     shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
     console.print(f"Engage scoring API on http://{shown}:{port} (OpenAPI docs: http://{shown}:{port}/docs)\n"
                   f"Try:\n  curl -s -X POST http://{shown}:{port}/v1/recommendations "
                   f"-H 'Authorization: Bearer {settings.api_keys[0]}' -H 'Content-Type: application/json' "
-                  f"-d '{{\"customer_id\": \"{customer}\"}}'", highlight=False, soft_wrap=True)
+                  f"-d '{{{body}}}'{note}", highlight=False, soft_wrap=True)
+
+
+def _as_of_for_old_features(home) -> str | None:
+    """An hour after the latest snapshot when its features are past the shortest age limit now, else None."""
+    from datetime import UTC, datetime, timedelta
+
+    from engage.config import ConfigError, config_path, load_config
+    from features.store import FeatureStoreError, snapshot_bounds
+
+    try:
+        _, last = snapshot_bounds(home)
+        limit_days = min(load_config(config_path(home)).feature_max_ages().values())
+    except (FeatureStoreError, ConfigError, OSError, ValueError):
+        return None
+    last = last if last.tzinfo else last.replace(tzinfo=UTC)
+    if datetime.now(UTC) - last <= timedelta(days=limit_days):
+        return None
+    return (last + timedelta(hours=1)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def feedback_import_command(home: HomeOption = None) -> None:

@@ -64,7 +64,8 @@ def decision_record(
     payload = {
         k: _json_safe(getattr(decision, k))
         for k in ("churn_probability", "risk_tier", "segment", "reasons", "offers", "channels", "suppressions",
-                  "send_at_local", "expected_open_rate", "expected_value_at_risk", "intended_action")
+                  "send_at_local", "expected_open_rate", "expected_value_at_risk", "intended_action",
+                  "feature_age_s", "stale_views", "missing_models")
     }  # fmt: skip
     return {
         "decision_id": uuid.uuid4().hex,

@@ -38,6 +38,8 @@ class Metrics:
                                    registry=r)
         self.degraded = Counter("engage_degraded_answers_total", "answers built from defaults (store unreadable)",
                                 registry=r)
+        self.stale = Counter("engage_stale_answers_total", "answers with a feature view older than its limit",
+                             registry=r)
         self.actions = Counter("engage_actions_total", "decisions by action", ["action"], registry=r)
         self.model_version = Gauge("engage_model_version", "registry version of the loaded champion", ["model"],
                                    registry=r, multiprocess_mode="livemax")

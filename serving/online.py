@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from feast import FeatureStore
@@ -39,9 +39,61 @@ class OnlineRows:
     customer_ids: list[str]
     values: dict[str, list]
     timestamps: list[datetime | None]  # the newest feature row read per customer; None = not in the store
+    # per feature view (name without _fv): each customer's row time in that view, None = no row
+    view_timestamps: dict[str, list[datetime | None]] = field(default_factory=dict)
 
     def found(self, i: int) -> bool:
         return self.timestamps[i] is not None
+
+
+def view_name(feast_name: str) -> str:
+    """A feature view's name without Feast's ``_fv`` suffix (as in ``features.catalog.VIEWS`` and the config)."""
+    return feast_name[:-3] if feast_name.endswith("_fv") else feast_name
+
+
+@dataclass
+class Freshness:
+    """What :func:`drop_stale` found, per customer."""
+
+    ages: list[float | None]  # seconds from the oldest feature row an answer used to its time; None: used none
+    stale: list[list[str]]  # the feature views dropped as older than their limit
+
+
+def drop_stale(rows: OnlineRows, features: Mapping[str, Sequence[str]], max_age_s: Mapping[str, float],
+               now: Sequence[datetime]) -> Freshness:
+    """Treat every feature view older than its limit at customer ``i``'s ``now[i]`` as missing, in ``rows``.
+
+    Feast does not enforce a view's TTL online: a store whose materialization stopped keeps answering with
+    old values. A view whose row is older than ``max_age_s[view]`` gets its ``features`` set to None (the
+    models' missing-value path) and is listed in ``stale``. ``rows.timestamps[i]`` becomes the newest row
+    time left; a customer whose every view was dropped keeps the newest one (known, not a cold start).
+    A row newer than ``now`` (a request dated in the past) counts as age 0.
+    """
+    n = len(rows.customer_ids)
+    stale: list[list[str]] = [[] for _ in range(n)]
+    oldest: list[datetime | None] = [None] * n
+    newest: list[datetime | None] = [None] * n
+    for view, times in rows.view_timestamps.items():
+        limit = max_age_s.get(view)
+        for i, ts in enumerate(times):
+            if ts is None:
+                continue
+            if limit is not None and (now[i] - ts).total_seconds() > limit:
+                stale[i].append(view)
+                for name in features.get(view, ()):
+                    rows.values[name][i] = None
+                continue
+            if oldest[i] is None or ts < oldest[i]:
+                oldest[i] = ts
+            if newest[i] is None or ts > newest[i]:
+                newest[i] = ts
+    ages: list[float | None] = [None] * n
+    for i in range(n):
+        if oldest[i] is not None:
+            ages[i] = max((now[i] - oldest[i]).total_seconds(), 0.0)
+        if stale[i] and newest[i] is not None:
+            rows.timestamps[i] = newest[i]
+    return Freshness(ages, stale)
 
 
 def _python(value: ValueProto):
@@ -75,6 +127,8 @@ class OnlineReader:
             wanted.setdefault(f"{view}_fv", set()).update(n for n in names if n in known)
         self.views = [(store.get_feature_view(name), sorted(names)) for name, names in sorted(wanted.items())]
         self.feature_names = [n for _, names in self.views for n in names]
+        # feature view (name without _fv) -> the features read from it
+        self.view_features = {view_name(view.name): names for view, names in self.views}
         _warn_about_listpack_hashes(self.online_store, self.config)
         self._redis = _RedisHashReader(self.online_store, self.config, self.views) if _plain_redis(self.config) \
             else None
@@ -82,28 +136,31 @@ class OnlineReader:
     def read(self, customer_ids: Sequence[str]) -> OnlineRows:
         if self._redis is not None:
             try:
-                values, stamps = self._redis.read(customer_ids)
+                values, stamps, by_view = self._redis.read(customer_ids)
             except Exception as exc:  # any backend error: the caller answers from defaults
                 raise OnlineStoreUnavailable(f"online store read failed: {type(exc).__name__}") from exc
-            return OnlineRows(list(customer_ids), values, stamps)
+            return OnlineRows(list(customer_ids), values, stamps, by_view)
         n = len(customer_ids)
         keys = [EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=c)]) for c in customer_ids]
         values: dict[str, list] = {name: [None] * n for name in self.feature_names}
         stamps: list[datetime | None] = [None] * n
+        by_view: dict[str, list[datetime | None]] = {}
         for view, names in self.views:
             try:
                 rows = self.online_store.online_read(self.config, view, keys, names)
             except Exception as exc:  # any backend error: the caller answers from defaults
                 raise OnlineStoreUnavailable(f"online store read of {view.name} failed: {type(exc).__name__}") from exc
+            times = by_view[view_name(view.name)] = [None] * n
             for i, (ts, feats) in enumerate(rows):
                 if not feats:
                     continue
+                times[i] = ts
                 if ts is not None and (stamps[i] is None or ts > stamps[i]):
                     stamps[i] = ts
                 for name in names:
                     if name in feats:
                         values[name][i] = _python(feats[name])
-        return OnlineRows(list(customer_ids), values, stamps)
+        return OnlineRows(list(customer_ids), values, stamps, by_view)
 
 
 def _plain_redis(config) -> bool:
@@ -135,6 +192,7 @@ class _RedisHashReader:
         versioning = config.registry.enable_online_feature_view_versioning
         self.fields: list[bytes] = []
         self.layout: list[tuple[int, list[tuple[int, str]]]] = []  # per view: (its _ts field, [(field, name)])
+        self.view_names = [view_name(view.name) for view, _ in views]
         for view, names in views:
             fv = compute_versioned_name(view, versioning)
             start = len(self.fields)
@@ -148,7 +206,9 @@ class _RedisHashReader:
         entity = EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=customer_id)])
         return serialize_entity_key(entity, entity_key_serialization_version=self.version) + self.project
 
-    def read(self, customer_ids: Sequence[str]) -> tuple[dict[str, list], list[datetime | None]]:
+    def read(self, customer_ids: Sequence[str]
+             ) -> tuple[dict[str, list], list[datetime | None], dict[str, list[datetime | None]]]:
+        """(values by feature, newest row time per customer, row time per view and customer)."""
         from google.protobuf.timestamp_pb2 import Timestamp
 
         n = len(customer_ids)
@@ -162,22 +222,24 @@ class _RedisHashReader:
                 replies = pipe.execute()
         values: dict[str, list] = {name: [None] * n for _, names in self.layout for _, name in names}
         stamps: list[datetime | None] = [None] * n
+        by_view: dict[str, list[datetime | None]] = {v: [None] * n for v in self.view_names}
+        times = [by_view[v] for v in self.view_names]
         value, ts = ValueProto(), Timestamp()
         for i, reply in enumerate(replies):
-            for ts_field, names in self.layout:
+            for (ts_field, names), view_times in zip(self.layout, times, strict=True):
                 raw_ts = reply[ts_field]
                 if raw_ts is None:  # the view has no row for this customer
                     continue
                 ts.ParseFromString(raw_ts)
-                when = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
+                when = view_times[i] = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
                 if stamps[i] is None or when > stamps[i]:
                     stamps[i] = when
-                for field, name in names:
-                    raw = reply[field]
+                for slot, name in names:
+                    raw = reply[slot]
                     if raw:
                         value.ParseFromString(raw)
                         values[name][i] = _python(value)
-        return values, stamps
+        return values, stamps, by_view
 
 
 def _warn_about_listpack_hashes(online_store, config) -> None:

@@ -104,7 +104,15 @@ class Recommendation(BaseModel):
     cold_start: bool
     degraded: bool
     feature_timestamp: datetime | None
+    feature_age_seconds: float | None = Field(
+        None, description="age of the oldest online feature row the answer used, at its time (null: none used)")
+    stale_features: bool = Field(
+        False, description="a feature view was older than its limit and was treated as missing (see stale_views)")
+    stale_views: list[str] = Field(default_factory=list, description="the feature views treated as missing")
     model_versions: dict[str, str]
+    missing_models: list[str] = Field(
+        default_factory=list, description="champions not loaded: without next_best_offer no offers, without "
+                                          "send_time the policy's default hour")
 
 
 class BatchResponse(BaseModel):

@@ -17,13 +17,14 @@ from datetime import UTC, datetime
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from engage.config import config_path, load_config
 from features.store import open_store
 from serving.decide import decide
 from serving.decision_log import DecisionLog, decision_record
 from serving.feedback import Feedback, FeedbackStore, RecordResult, StoreUnavailable
 from serving.metrics import Metrics
-from serving.models import ModelManager, ModelSet
-from serving.online import OnlineStoreUnavailable
+from serving.models import MODEL_NAMES, ModelManager, ModelSet
+from serving.online import Freshness, OnlineStoreUnavailable, drop_stale
 from serving.policy import Policy, load_policy
 from serving.schemas import FeedbackIn, Recommendation, RecommendationRequest
 from serving.servingdb import create_serving_engine, create_tables
@@ -70,7 +71,8 @@ def to_response(d: Decision, request_id: str, exposure_id: str | None) -> Recomm
         expected_open_rate=d.expected_open_rate, propensity=d.propensity, channels=[vars(c) for c in d.channels],
         suppressions=[vars(s) for s in d.suppressions], cold_start=d.cold_start, degraded=d.degraded,
         feature_timestamp=d.feature_timestamp, model_versions=d.model_versions, holdout=d.holdout,
-        intended_action=d.intended_action,
+        intended_action=d.intended_action, feature_age_seconds=d.feature_age_s, stale_features=bool(d.stale_views),
+        stale_views=d.stale_views, missing_models=d.missing_models,
     )
 
 
@@ -79,6 +81,9 @@ class EngageService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.policy: Policy = load_policy(settings.policy_path)
+        # Age limits of the online feature views, seconds (engage.yaml serving.feature_max_age_days)
+        self.max_age_s = {v: days * 86400.0 for v, days in load_config(config_path(settings.home)).feature_max_ages()
+                          .items()}
         # Nothing here needs a database to answer: Feast opens its registry on first use, the serving tables
         # are created once the database answers (start, every registry check, or the first feedback), so a
         # service whose PostgreSQL is down starts not-ready and becomes ready when it appears.
@@ -151,23 +156,28 @@ class EngageService:
         if not current.models or current.reader is None or current.scorer is None or not self.suppressed.loaded:
             raise NotReady(self.ready()[1])
         ids = [r.customer_id for r in requests]
+        request_id, decided_at = uuid.uuid4().hex, datetime.now(UTC)
+        times = [r.now or decided_at for r in requests]
         degraded = False
         try:
             rows = current.reader.read(ids)
+            fresh = drop_stale(rows, current.reader.view_features, self.max_age_s, times)
             values, stamps = rows.values, rows.timestamps
         except OnlineStoreUnavailable as exc:
             log.warning("answering from defaults: %s", exc)
             values, stamps, degraded = {}, [None] * len(ids), True
+            fresh = Freshness([None] * len(ids), [[] for _ in ids])
         scores = current.scorer.score(ids, values, stamps, degraded=degraded)
         recent = self._recent_sends(ids, stamps)
-        request_id, decided_at = uuid.uuid4().hex, datetime.now(UTC)
+        missing = [name for name in MODEL_NAMES if name not in current.models]
         out = []
-        for req, sc in zip(requests, scores, strict=True):
+        for i, (req, sc) in enumerate(zip(requests, scores, strict=True)):
             if sc.cold_start or sc.degraded:  # nothing known about this customer: no risk score to explain
                 sc.churn_probability, sc.churn_reasons = None, []
             suppressed = req.customer_id in self.suppressed
-            d = decide(sc, self.policy, req.now or decided_at, channels=req.channels, max_offers=req.max_offers,
+            d = decide(sc, self.policy, times[i], channels=req.channels, max_offers=req.max_offers,
                        recent_contacts=recent.get(req.customer_id, ()), request_id=request_id, suppressed=suppressed)
+            d.feature_age_s, d.stale_views, d.missing_models = fresh.ages[i], fresh.stale[i], missing
             exposure_id = uuid.uuid4().hex if d.action != "none" else None
             if not suppressed:  # a forgotten customer's id is not written anywhere again
                 self.decisions.append(decision_record(d, request_id, exposure_id, decided_at, source))
@@ -176,6 +186,7 @@ class EngageService:
         self.metrics.customers.labels(source).inc(len(out))
         self.metrics.cold_starts.inc(sum(s.cold_start for s in scores))
         self.metrics.degraded.inc(sum(s.degraded for s in scores))
+        self.metrics.stale.inc(sum(bool(v) for v in fresh.stale))
         return out
 
     def _recent_sends(self, ids: list[str], stamps: list) -> dict[str, list[datetime]]:

@@ -118,3 +118,8 @@ class Decision:
     expected_value_at_risk: float | None = None  # churn probability x expected value over the horizon
     holdout: bool = False  # in the control group (action none, reason holdout)
     intended_action: str | None = None  # for the control group: the action the policy would have taken
+    # Set by the scoring service (online features): age of the oldest feature row used, in seconds at the
+    # decision time; the feature views dropped as older than their limit; the models that were not loaded.
+    feature_age_s: float | None = None
+    stale_views: list[str] = field(default_factory=list)
+    missing_models: list[str] = field(default_factory=list)

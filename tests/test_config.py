@@ -28,6 +28,9 @@ def test_env_vars_are_expanded(tmp_path, monkeypatch):
         ("features:\n  snapshot_ttl_days: -3\n", "snapshot_ttl_days"),
         ("features:\n  segments:\n    at_risk_min_recency_days: 200\n", "below dormant"),
         ("features: [unclosed\n", "not valid YAML"),
+        ("serving:\n  feature_max_age_days: {customer_sport: 2}\n", "unknown feature view.*customer_sport"),
+        ("serving:\n  feature_max_age_days: {customer_rfm: 0}\n", "customer_rfm must be a positive"),
+        ("serving:\n  feature_max_age_days: {default: soon}\n", "feature_max_age_days"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, match):
@@ -35,6 +38,18 @@ def test_bad_config_is_a_clear_error(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def test_feature_age_limits_default_to_the_feast_ttl_and_can_be_set_per_view(tmp_path):
+    assert set(load_config().feature_max_ages().values()) == {35}
+    path = tmp_path / "engage.yaml"
+    ttl = "features: {snapshot_ttl_days: 20}\n"
+    path.write_text(ttl + "serving:\n  feature_max_age_days: {default: 2, customer_profile: 30}\n")
+    ages = load_config(path).feature_max_ages()
+    assert ages["customer_profile"] == 30 and ages["customer_rfm"] == 2 and len(ages) == 6
+    path.write_text(ttl + "serving:\n  feature_max_age_days: {customer_rfm: 1.5}\n")
+    ages = load_config(path).feature_max_ages()
+    assert ages["customer_rfm"] == 1.5 and ages["customer_support"] == 20
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

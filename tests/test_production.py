@@ -243,6 +243,10 @@ def test_one_redis_read_per_customer_returns_what_feast_returns(world, monkeypat
     feast_path = reader.read(ids)
     assert fast.timestamps[:25] == feast_path.timestamps[:25] and all(fast.timestamps[:25])
     assert fast_one.timestamps == fast.timestamps[:1]
+    # per view too (the unknown customer aside: Feast's Redis online_read gives it an epoch time per view)
+    assert {v: t[:25] for v, t in fast.view_timestamps.items()} == {
+        v: t[:25] for v, t in feast_path.view_timestamps.items()} and len(fast.view_timestamps) >= 5
+    assert all(all(t[:25]) and t[-1] is None for t in fast.view_timestamps.values())
     for name, column in fast.values.items():
         assert column[:25] == feast_path.values[name][:25], name
         assert fast_one.values[name] == column[:1], name

@@ -281,6 +281,82 @@ def test_no_models_means_not_ready_and_503(serving_env, tmp_path, monkeypatch):
         assert r.status_code == 503 and r.json()["error"] == "not_ready" and "engage train" in r.json()["detail"]
 
 
+# ---- feature freshness and partial model sets -----------------------------------------------------
+
+def test_answers_say_how_old_their_features_are_and_old_views_are_dropped(client, customers):
+    fresh = _recommend(client, customers[0]).json()
+    stamp = datetime.fromisoformat(fresh["feature_timestamp"])
+    assert fresh["stale_features"] is False and fresh["stale_views"] == []
+    assert 0 < fresh["feature_age_seconds"] <= (datetime.fromisoformat(NOW) - stamp).total_seconds() + 1e-6
+    before = _metric(client, "engage_stale_answers_total")
+    # 40 days later every view is past the default limit (the views' Feast TTL, 35 days): scored without them
+    later = (stamp + timedelta(days=40)).isoformat()
+    old = _recommend(client, customers[0], now=later).json()
+    assert old["stale_features"] is True and len(old["stale_views"]) >= 5 and "customer_rfm" in old["stale_views"]
+    assert old["cold_start"] is False and old["feature_age_seconds"] is None
+    assert old["segment"] == "new" and old["churn_probability"] is not None  # the missing-feature defaults
+    assert _metric(client, "engage_stale_answers_total") == before + 1
+
+
+def test_a_view_limit_from_the_config_drops_that_view_only(serving_env, customers, tmp_path, monkeypatch):
+    config = tmp_path / "engage.yaml"
+    config.write_text("serving:\n  feature_max_age_days: {customer_support: 0.5}\n")
+    monkeypatch.setenv("ENGAGE_CONFIG", str(config))
+    with TestClient(create_app(ServingSettings.from_env(serving_env.home, reload_interval_s=0))) as c:
+        c.headers["Authorization"] = f"Bearer {serving_env.api_key}"
+        body = _recommend(c, customers[0]).json()  # NOW is days after the features: support is stale
+        assert body["stale_features"] is True and body["stale_views"] == ["customer_support"]
+        stamp = datetime.fromisoformat(body["feature_timestamp"])
+        early = _recommend(c, customers[0], now=(stamp + timedelta(hours=1)).isoformat()).json()
+        assert early["stale_features"] is False and early["feature_age_seconds"] == pytest.approx(3600)
+        # the other views still answer: same segment (customer_rfm), a churn score from the rest
+        assert body["segment"] == early["segment"] and body["churn_probability"] is not None
+    config.write_text("serving:\n  feature_max_age_days: {customer_sport: 2}\n")
+    from engage.config import ConfigError
+    from serving.service import EngageService
+
+    with pytest.raises(ConfigError, match="unknown feature view.*customer_sport"):
+        EngageService(ServingSettings.from_env(serving_env.home, reload_interval_s=0))
+
+
+def test_serve_prints_an_example_that_answers_from_fresh_features(client, serving_env, capsys, tmp_path,
+                                                                   monkeypatch):
+    import json
+    import re
+
+    from serving.cli import _print_example
+
+    settings = ServingSettings.from_env(serving_env.home)
+    _print_example(settings, "127.0.0.1", 8000)
+    body = json.loads(re.search(r"-d '(\{.*?\})'", capsys.readouterr().out).group(1))
+    assert "now" in body  # the test world's features are from long before today: ask as of then
+    answer = client.post("/v1/recommendations", json=body).json()
+    assert answer["stale_features"] is False and answer["cold_start"] is False
+    config = tmp_path / "engage.yaml"
+    config.write_text("serving:\n  feature_max_age_days: {default: 100000}\n")
+    monkeypatch.setenv("ENGAGE_CONFIG", str(config))
+    _print_example(settings, "127.0.0.1", 8000)
+    body = json.loads(re.search(r"-d '(\{.*?\})'", capsys.readouterr().out).group(1))
+    assert set(body) == {"customer_id"}  # features within their limit: no date needed
+
+
+def test_a_churn_only_model_set_still_answers_and_says_what_is_missing(serving_env, customers):
+    from serving.service import registry_client
+
+    registry = registry_client()
+    for name in ("next_best_offer", "send_time"):
+        registry.delete_registered_model_alias(name, "champion")
+    with TestClient(create_app(ServingSettings.from_env(serving_env.home, reload_interval_s=0))) as c:
+        c.headers["Authorization"] = f"Bearer {serving_env.api_key}"
+        answers = [_recommend(c, cid).json() for cid in customers]
+    assert all(a["missing_models"] == ["next_best_offer", "send_time"] for a in answers)
+    assert all(a["model_versions"] == {"churn": "1"} and a["offers"] == [] and a["chosen_offer"] is None
+               for a in answers)
+    assert all(a["churn_probability"] is not None and a["reason_codes"] for a in answers)
+    timed = [a for a in answers if a["action"] != "none"]
+    assert timed and all(datetime.fromisoformat(a["send_at_local"]).hour == 10 for a in timed)  # policy default
+
+
 # ---- feedback and the decision log ----------------------------------------------------------------
 
 def _sent(customer_id: str, exposure_id: str, channel: str, **extra) -> dict:
