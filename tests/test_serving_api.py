@@ -340,6 +340,32 @@ def test_serve_prints_an_example_that_answers_from_fresh_features(client, servin
     assert set(body) == {"customer_id"}  # features within their limit: no date needed
 
 
+def test_answers_keep_coming_while_a_materialization_runs(client, customers, serving_env):
+    import threading
+
+    from features.store import materialize, open_store
+
+    done, errors = threading.Event(), []
+
+    def run() -> None:
+        try:  # the same latest snapshot again, in small batches so it lasts
+            materialize(open_store(serving_env.home), serving_env.home, batch_rows=50)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    answers = []
+    while not done.is_set() or not answers:
+        answers.append(_recommend(client, customers[len(answers) % len(customers)]))
+    writer.join()
+    assert not errors, errors
+    assert len(answers) > 3 and all(r.status_code == 200 for r in answers)
+    assert not any(r.json()["degraded"] or r.json()["cold_start"] for r in answers)
+
+
 def test_a_churn_only_model_set_still_answers_and_says_what_is_missing(serving_env, customers):
     from serving.service import registry_client
 
