@@ -9,6 +9,7 @@ repeated and concurrent posts converge to the same row. ``record`` returns after
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -81,6 +82,11 @@ class FeedbackStore:
     def __init__(self, engine: Engine, decisions: DecisionLog | None = None) -> None:
         self.engine = engine
         self.decisions = decisions
+        # recent_sends runs on every recommendation: it keeps one connection open in autocommit mode instead of
+        # checking one out of the pool per call, which on PostgreSQL costs a ping and a rollback round trip
+        # (about 0.5 ms of a 0.6 ms read). A broken connection is dropped and the next call opens another.
+        self._reader: sa.Connection | None = None
+        self._reader_lock = threading.Lock()
         t = feedback
         ins = upsert(engine, t)
         x = ins.excluded
@@ -154,17 +160,45 @@ class FeedbackStore:
 
     def recent_sends(self, customer_ids: list[str], since: datetime) -> dict[str, list[datetime]]:
         """``sent_at`` of each customer's sent messages at or after ``since``, oldest first (every id a key)."""
+        with self._reader_lock:
+            # A connection kept from earlier calls may have died with its server (a restart): one retry on a
+            # new connection tells that apart from a database that is down.
+            tries = 2 if self._reader is not None else 1
+            for attempt in range(1, tries + 1):
+                try:
+                    return self._sends(customer_ids, since)
+                except SQLAlchemyError as e:
+                    self._drop_reader()
+                    if attempt == tries:
+                        raise StoreUnavailable("the feedback store cannot be read") from e
+        return {}  # not reached: the last attempt returns or raises
+
+    def _sends(self, customer_ids: list[str], since: datetime) -> dict[str, list[datetime]]:
+        if self._reader is None:
+            self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         out: dict[str, list[datetime]] = {c: [] for c in customer_ids}
         ids = list(out)
-        try:
-            with self.engine.connect() as con:
-                for i in range(0, len(ids), _IN_CHUNK):
-                    for customer_id, sent_at in con.execute(_RECENT_SENDS, {"ids": ids[i : i + _IN_CHUNK],
-                                                                            "since": since}):
-                        out[customer_id].append(sent_at)
-        except SQLAlchemyError as e:
-            raise StoreUnavailable("the feedback store cannot be read") from e
+        for i in range(0, len(ids), _IN_CHUNK):
+            for customer_id, sent_at in self._reader.execute(_RECENT_SENDS, {"ids": ids[i : i + _IN_CHUNK],
+                                                                             "since": since}):
+                out[customer_id].append(sent_at)
         return out
+
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                reader.invalidate()  # perhaps broken: not back to the pool
+                reader.close()
+            except SQLAlchemyError:
+                pass
+
+    def close(self) -> None:
+        """Release the kept-open read connection (the service's shutdown)."""
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def count(self) -> int:
         """Stored feedback rows (one per exposure)."""

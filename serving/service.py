@@ -108,6 +108,7 @@ class EngageService:
     def close(self) -> None:
         self.models.stop()
         self.decisions.close()
+        self.feedback.close()
 
     def ensure_db(self) -> bool:
         """Create the serving tables if that has not been done yet; False while the database is unreachable."""

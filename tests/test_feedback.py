@@ -140,6 +140,36 @@ def test_recent_sends_lists_sent_messages_since(store: FeedbackStore) -> None:
     assert sends == {"C1": [SENT], "C2": [SENT + timedelta(hours=2)], "C3": []}
 
 
+def test_recent_sends_see_feedback_recorded_after_an_earlier_read(store: FeedbackStore) -> None:
+    since = SENT - timedelta(days=7)
+    assert store.recent_sends(["C1"], since) == {"C1": []}  # opens the kept read connection
+    store.record(Feedback("x1", "C1", sent=True, sent_at=SENT))
+    assert store.recent_sends(["C1"], since) == {"C1": [SENT]}  # no snapshot held from the first read
+    store.close()
+    assert store.recent_sends(["C1"], since) == {"C1": [SENT]}  # closed: the next read opens another
+
+
+def test_recent_sends_survive_the_server_dropping_their_connection(pg_url: str) -> None:
+    engine = create_serving_engine(pg_url)
+    store = FeedbackStore(engine, _log_decisions(engine))
+    store.record(Feedback("x1", "C1", sent=True, sent_at=SENT))
+    since = SENT - timedelta(days=7)
+    assert store.recent_sends(["C1"], since) == {"C1": [SENT]}
+    pid = store._reader.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with engine.connect() as admin:  # what a server restart or an idle timeout does to a kept connection
+        assert admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})").scalar_one()
+    assert store.recent_sends(["C1"], since) == {"C1": [SENT]}
+    assert store._reader.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+    store.close()
+    engine.dispose()
+
+
+def test_recent_sends_from_an_unreachable_database_are_store_unavailable(tmp_path: Path) -> None:
+    engine = create_serving_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1", create=False)
+    with pytest.raises(StoreUnavailable):
+        FeedbackStore(engine).recent_sends(["C1"], SENT)
+
+
 # --- concurrency -------------------------------------------------------------------------------
 
 
