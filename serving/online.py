@@ -4,9 +4,11 @@
 through several layers, which costs more than the models themselves on a one-customer request. This
 reads the same rows through the online store's own ``online_read`` (the interface every Feast online
 store implements: SQLite, Redis, PostgreSQL), once per feature view, and converts values with no
-intermediate frames. On a single Redis server it goes one step further: every view's fields of a customer
-in one HMGET (:class:`_RedisHashReader`). ``tests/test_online.py`` (SQLite) and
-``tests/test_production.py`` (Redis) check both return exactly what ``get_online_features`` returns.
+intermediate frames. On the two stores Engage ships it goes one step further, reading the installed Feast's
+storage layout with Feast's own key functions: every view's features of the request's customers in one SQLite
+query (:class:`_SqliteTablesReader`, the embedded profile), or in one HMGET per customer on a single Redis
+server (:class:`_RedisHashReader`, the production profile). ``tests/test_online.py`` (SQLite, both paths) and
+``tests/test_production.py`` (Redis) check they return exactly what ``get_online_features`` returns.
 """
 
 from __future__ import annotations
@@ -130,16 +132,23 @@ class OnlineReader:
         # feature view (name without _fv) -> the features read from it
         self.view_features = {view_name(view.name): names for view, names in self.views}
         _warn_about_listpack_hashes(self.online_store, self.config)
-        self._redis = _RedisHashReader(self.online_store, self.config, self.views) if _plain_redis(self.config) \
-            else None
+        self._fast: _RedisHashReader | _SqliteTablesReader | None = None  # one read for all views, where known
+        if _plain_redis(self.config):
+            self._fast = _RedisHashReader(self.online_store, self.config, self.views)
+        elif type(self.online_store).__name__ == "SqliteOnlineStore" and not self.config.online_store.vector_enabled:
+            self._fast = _SqliteTablesReader(self.online_store, self.config, self.views)
 
     def read(self, customer_ids: Sequence[str]) -> OnlineRows:
-        if self._redis is not None:
+        if self._fast is not None:
             try:
-                values, stamps, by_view = self._redis.read(customer_ids)
+                values, stamps, by_view = self._fast.read(customer_ids)
             except Exception as exc:  # any backend error: the caller answers from defaults
                 raise OnlineStoreUnavailable(f"online store read failed: {type(exc).__name__}") from exc
             return OnlineRows(list(customer_ids), values, stamps, by_view)
+        return self.read_per_view(customer_ids)
+
+    def read_per_view(self, customer_ids: Sequence[str]) -> OnlineRows:
+        """The same rows through Feast's ``online_read``, one call per view (any online store)."""
         n = len(customer_ids)
         keys = [EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=c)]) for c in customer_ids]
         values: dict[str, list] = {name: [None] * n for name in self.feature_names}
@@ -239,6 +248,95 @@ class _RedisHashReader:
                     if raw:
                         value.ParseFromString(raw)
                         values[name][i] = _python(value)
+        return values, stamps, by_view
+
+
+KEYS_PER_QUERY = 500  # customers per SQLite query (well under its limit of bound parameters)
+
+
+class _SqliteTablesReader:
+    """Every view's features of some customers in one query on Feast's SQLite online store.
+
+    Feast keeps one table per view (``<project>_<view>``) with a row per customer and feature: the serialized
+    entity key, the feature name, a ``ValueProto`` and the event time (epoch seconds, written from naive UTC).
+    Its ``online_read`` runs one query per view and converts every row's event time; this reads all views'
+    rows of the customers with one ``UNION ALL`` over the same connection (keys serialized by Feast's own
+    function), parses only the features the models read, and converts each view's event time once, as Feast
+    does (a local-time datetime labelled UTC).
+    """
+
+    def __init__(self, online_store, config, views) -> None:
+        from feast.infra.online_stores.helpers import compute_table_id
+
+        self.online_store, self.config = online_store, config
+        self.version = config.entity_key_serialization_version
+        versioning = config.registry.enable_online_feature_view_versioning
+        self.view_names = [view_name(view.name) for view, _ in views]
+        self.names: list[list[str]] = [list(names) for _, names in views]
+        parts = []
+        for k, (view, _) in enumerate(views):
+            table = compute_table_id(config.project, view, versioning).replace('"', '""')
+            # event_ts through an expression: no declared type, so sqlite3 hands back the stored integer. Every
+            # feature of a view is read (the models want nearly all; a name filter made the query slower).
+            parts.append(f'SELECT {k}, entity_key, feature_name, value, event_ts + 0 FROM "{table}" '
+                         f"WHERE entity_key IN ({{keys}})")
+        self.sql = " UNION ALL ".join(parts)
+        self._sql_for: dict[int, str] = {}  # the query for n keys (numbered parameters, shared by every view)
+
+    def query(self, n: int) -> str:
+        sql = self._sql_for.get(n)
+        if sql is None:
+            sql = self.sql.replace("{keys}", ",".join(f"?{j}" for j in range(1, n + 1)))
+            if len(self._sql_for) < 64:
+                self._sql_for[n] = sql
+        return sql
+
+    def read(self, customer_ids: Sequence[str]
+             ) -> tuple[dict[str, list], list[datetime | None], dict[str, list[datetime | None]]]:
+        """(values by feature, newest row time per customer, row time per view and customer)."""
+        from feast.infra.key_encoding_utils import serialize_entity_key
+
+        n = len(customer_ids)
+        if n == 0:
+            return {name: [] for names in self.names for name in names}, [], {v: [] for v in self.view_names}
+        keys = [serialize_entity_key(EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=c)]),
+                                     entity_key_serialization_version=self.version) for c in customer_ids]
+        where = {key: i for i, key in enumerate(keys)}  # a repeated id: its last position, filled below
+        unique = list(where)
+        conn = self.online_store._get_conn(self.config)
+        rows = []
+        for start in range(0, len(unique), KEYS_PER_QUERY):
+            chunk = unique[start:start + KEYS_PER_QUERY]
+            rows += conn.execute(self.query(len(chunk)), chunk).fetchall()
+        values: dict[str, list] = {name: [None] * n for names in self.names for name in names}
+        by_view: dict[str, list[datetime | None]] = {v: [None] * n for v in self.view_names}
+        times = [by_view[v] for v in self.view_names]
+        columns = [{name: values[name] for name in names} for names in self.names]  # per view
+        epochs: dict[int, datetime] = {}
+        value = ValueProto()
+        for k, key, name, raw, epoch in rows:
+            i = where[key]
+            if times[k][i] is None:
+                when = epochs.get(epoch)
+                if when is None:
+                    when = epochs[epoch] = datetime.fromtimestamp(int(epoch)).replace(tzinfo=UTC)
+                times[k][i] = when
+            column = columns[k].get(name)
+            if column is not None:  # a feature no loaded model reads: not parsed
+                value.ParseFromString(raw)
+                column[i] = _python(value)
+        stamps: list[datetime | None] = [None] * n
+        for view_times in times:
+            for i, when in enumerate(view_times):
+                if when is not None and (stamps[i] is None or when > stamps[i]):
+                    stamps[i] = when
+        if len(where) < n:  # the same customer twice in a batch: copy the filled position to the others
+            for i, key in enumerate(keys):
+                j = where[key]
+                if j != i:
+                    for column in (*values.values(), *times):
+                        column[i] = column[j]
+                    stamps[i] = stamps[j]
         return values, stamps, by_view
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from features.store import open_store, sample_customers
 from serving.online import OnlineReader, OnlineRows, drop_stale
 from serving.scoring import POLICY_FEATURES
@@ -18,12 +20,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def test_online_read_equals_get_online_features(served):
+@pytest.mark.parametrize("path", ["one query", "per view"])
+def test_online_read_equals_get_online_features(served, path):
     store = open_store(served.home)
     reader = OnlineReader(store, SERVICES, POLICY_FEATURES)
-    assert reader._redis is None  # SQLite: Feast's online_read, one call per view
+    assert type(reader._fast).__name__ == "_SqliteTablesReader"  # SQLite: every view in one query
     ids = [*sample_customers(served.home, 20), "C-never-seen"]
-    rows = reader.read(ids)
+    rows = reader.read(ids) if path == "one query" else reader.read_per_view(ids)
     checked = set()
     for service in SERVICES:
         sdk = store.get_online_features(features=store.get_feature_service(service),
@@ -41,6 +44,16 @@ def test_online_read_equals_get_online_features(served):
     for i in range(len(ids)):
         times = [t[i] for t in rows.view_timestamps.values()]
         assert (all(times) and max(times) == rows.timestamps[i]) if i < 20 else not any(times)
+
+
+def test_one_query_read_equals_the_per_view_read_for_repeats_one_customer_and_none(served):
+    reader = OnlineReader(open_store(served.home), SERVICES, POLICY_FEATURES)
+    known = sample_customers(served.home, 3)
+    for ids in ([known[0]], [known[0], "C-never-seen", known[0], known[1]], []):
+        fast, slow = reader.read(ids), reader.read_per_view(ids)
+        assert fast.timestamps == slow.timestamps and fast.view_timestamps == slow.view_timestamps
+        for name in reader.feature_names:
+            assert all(_same(a, b) for a, b in zip(fast.values[name], slow.values[name], strict=True)), name
 
 
 def _rows() -> OnlineRows:
