@@ -163,15 +163,15 @@ class FeedbackStore:
         with self._reader_lock:
             # A connection kept from earlier calls may have died with its server (a restart): one retry on a
             # new connection tells that apart from a database that is down.
-            tries = 2 if self._reader is not None else 1
-            for attempt in range(1, tries + 1):
+            attempts = 2 if self._reader is not None else 1
+            while True:
+                attempts -= 1
                 try:
                     return self._sends(customer_ids, since)
                 except SQLAlchemyError as e:
                     self._drop_reader()
-                    if attempt == tries:
+                    if attempts == 0:
                         raise StoreUnavailable("the feedback store cannot be read") from e
-        return {}  # not reached: the last attempt returns or raises
 
     def _sends(self, customer_ids: list[str], since: datetime) -> dict[str, list[datetime]]:
         if self._reader is None:
