@@ -188,7 +188,7 @@ class FeedbackStore:
         reader, self._reader = self._reader, None
         if reader is not None:
             try:
-                reader.invalidate()  # perhaps broken: not back to the pool
+                reader.invalidate()  # perhaps broken (or shutting down): not back to the pool
                 reader.close()
             except SQLAlchemyError:
                 pass
@@ -196,9 +196,7 @@ class FeedbackStore:
     def close(self) -> None:
         """Release the kept-open read connection (the service's shutdown)."""
         with self._reader_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+            self._drop_reader()
 
     def count(self) -> int:
         """Stored feedback rows (one per exposure)."""

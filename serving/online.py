@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from feast import FeatureStore
+from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
@@ -107,6 +108,20 @@ def _python(value: ValueProto):
     return feast_value_type_to_python_type(value)
 
 
+def _entity_key(customer_id: str) -> EntityKeyProto:
+    return EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=customer_id)])
+
+
+def _newest(by_view: Mapping[str, list[datetime | None]], n: int) -> list[datetime | None]:
+    """Each customer's newest row time over the views (None: no view has a row)."""
+    stamps: list[datetime | None] = [None] * n
+    for times in by_view.values():
+        for i, when in enumerate(times):
+            if when is not None and (stamps[i] is None or when > stamps[i]):
+                stamps[i] = when
+    return stamps
+
+
 class OnlineReader:
     """Reads the union of some feature services' features for a list of customers.
 
@@ -141,18 +156,17 @@ class OnlineReader:
     def read(self, customer_ids: Sequence[str]) -> OnlineRows:
         if self._fast is not None:
             try:
-                values, stamps, by_view = self._fast.read(customer_ids)
+                values, by_view = self._fast.read(customer_ids)
             except Exception as exc:  # any backend error: the caller answers from defaults
                 raise OnlineStoreUnavailable(f"online store read failed: {type(exc).__name__}") from exc
-            return OnlineRows(list(customer_ids), values, stamps, by_view)
+            return OnlineRows(list(customer_ids), values, _newest(by_view, len(customer_ids)), by_view)
         return self.read_per_view(customer_ids)
 
     def read_per_view(self, customer_ids: Sequence[str]) -> OnlineRows:
         """The same rows through Feast's ``online_read``, one call per view (any online store)."""
         n = len(customer_ids)
-        keys = [EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=c)]) for c in customer_ids]
+        keys = [_entity_key(c) for c in customer_ids]
         values: dict[str, list] = {name: [None] * n for name in self.feature_names}
-        stamps: list[datetime | None] = [None] * n
         by_view: dict[str, list[datetime | None]] = {}
         for view, names in self.views:
             try:
@@ -164,12 +178,10 @@ class OnlineReader:
                 if not feats:
                     continue
                 times[i] = ts
-                if ts is not None and (stamps[i] is None or ts > stamps[i]):
-                    stamps[i] = ts
                 for name in names:
                     if name in feats:
                         values[name][i] = _python(feats[name])
-        return OnlineRows(list(customer_ids), values, stamps, by_view)
+        return OnlineRows(list(customer_ids), values, _newest(by_view, n), by_view)
 
 
 def _plain_redis(config) -> bool:
@@ -210,14 +222,11 @@ class _RedisHashReader:
             self.layout.append((len(self.fields) - 1, [(start + j, name) for j, name in enumerate(names)]))
 
     def key(self, customer_id: str) -> bytes:
-        from feast.infra.key_encoding_utils import serialize_entity_key
+        return serialize_entity_key(_entity_key(customer_id), entity_key_serialization_version=self.version) \
+            + self.project
 
-        entity = EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=customer_id)])
-        return serialize_entity_key(entity, entity_key_serialization_version=self.version) + self.project
-
-    def read(self, customer_ids: Sequence[str]
-             ) -> tuple[dict[str, list], list[datetime | None], dict[str, list[datetime | None]]]:
-        """(values by feature, newest row time per customer, row time per view and customer)."""
+    def read(self, customer_ids: Sequence[str]) -> tuple[dict[str, list], dict[str, list[datetime | None]]]:
+        """(values by feature, row time per view and customer)."""
         from google.protobuf.timestamp_pb2 import Timestamp
 
         n = len(customer_ids)
@@ -230,7 +239,6 @@ class _RedisHashReader:
                     pipe.hmget(key, self.fields)
                 replies = pipe.execute()
         values: dict[str, list] = {name: [None] * n for _, names in self.layout for _, name in names}
-        stamps: list[datetime | None] = [None] * n
         by_view: dict[str, list[datetime | None]] = {v: [None] * n for v in self.view_names}
         times = [by_view[v] for v in self.view_names]
         value, ts = ValueProto(), Timestamp()
@@ -240,15 +248,13 @@ class _RedisHashReader:
                 if raw_ts is None:  # the view has no row for this customer
                     continue
                 ts.ParseFromString(raw_ts)
-                when = view_times[i] = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
-                if stamps[i] is None or when > stamps[i]:
-                    stamps[i] = when
+                view_times[i] = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
                 for slot, name in names:
                     raw = reply[slot]
                     if raw:
                         value.ParseFromString(raw)
                         values[name][i] = _python(value)
-        return values, stamps, by_view
+        return values, by_view
 
 
 KEYS_PER_QUERY = 500  # customers per SQLite query (well under its limit of bound parameters)
@@ -277,37 +283,26 @@ class _SqliteTablesReader:
         for k, (view, _) in enumerate(views):
             table = compute_table_id(config.project, view, versioning).replace('"', '""')
             # event_ts through an expression: no declared type, so sqlite3 hands back the stored integer. Every
-            # feature of a view is read (the models want nearly all; a name filter made the query slower).
+            # feature of a view is read (the models want nearly all; a name filter made the query slower). The
+            # keys are numbered parameters, bound once for every view.
             parts.append(f'SELECT {k}, entity_key, feature_name, value, event_ts + 0 FROM "{table}" '
                          f"WHERE entity_key IN ({{keys}})")
         self.sql = " UNION ALL ".join(parts)
-        self._sql_for: dict[int, str] = {}  # the query for n keys (numbered parameters, shared by every view)
 
-    def query(self, n: int) -> str:
-        sql = self._sql_for.get(n)
-        if sql is None:
-            sql = self.sql.replace("{keys}", ",".join(f"?{j}" for j in range(1, n + 1)))
-            if len(self._sql_for) < 64:
-                self._sql_for[n] = sql
-        return sql
-
-    def read(self, customer_ids: Sequence[str]
-             ) -> tuple[dict[str, list], list[datetime | None], dict[str, list[datetime | None]]]:
-        """(values by feature, newest row time per customer, row time per view and customer)."""
-        from feast.infra.key_encoding_utils import serialize_entity_key
-
+    def read(self, customer_ids: Sequence[str]) -> tuple[dict[str, list], dict[str, list[datetime | None]]]:
+        """(values by feature, row time per view and customer)."""
         n = len(customer_ids)
-        if n == 0:
-            return {name: [] for names in self.names for name in names}, [], {v: [] for v in self.view_names}
-        keys = [serialize_entity_key(EntityKeyProto(join_keys=[ENTITY], entity_values=[ValueProto(string_val=c)]),
-                                     entity_key_serialization_version=self.version) for c in customer_ids]
-        where = {key: i for i, key in enumerate(keys)}  # a repeated id: its last position, filled below
-        unique = list(where)
+        positions: dict[bytes, list[int]] = {}  # a customer asked for twice gets its values at both places
+        for i, c in enumerate(customer_ids):
+            key = serialize_entity_key(_entity_key(c), entity_key_serialization_version=self.version)
+            positions.setdefault(key, []).append(i)
+        unique = list(positions)
         conn = self.online_store._get_conn(self.config)
         rows = []
         for start in range(0, len(unique), KEYS_PER_QUERY):
             chunk = unique[start:start + KEYS_PER_QUERY]
-            rows += conn.execute(self.query(len(chunk)), chunk).fetchall()
+            sql = self.sql.replace("{keys}", ",".join(f"?{j}" for j in range(1, len(chunk) + 1)))
+            rows += conn.execute(sql, chunk).fetchall()
         values: dict[str, list] = {name: [None] * n for names in self.names for name in names}
         by_view: dict[str, list[datetime | None]] = {v: [None] * n for v in self.view_names}
         times = [by_view[v] for v in self.view_names]
@@ -315,29 +310,20 @@ class _SqliteTablesReader:
         epochs: dict[int, datetime] = {}
         value = ValueProto()
         for k, key, name, raw, epoch in rows:
-            i = where[key]
-            if times[k][i] is None:
+            at = positions[key]
+            if times[k][at[0]] is None:
                 when = epochs.get(epoch)
                 if when is None:
                     when = epochs[epoch] = datetime.fromtimestamp(int(epoch)).replace(tzinfo=UTC)
-                times[k][i] = when
+                for i in at:
+                    times[k][i] = when
             column = columns[k].get(name)
             if column is not None:  # a feature no loaded model reads: not parsed
                 value.ParseFromString(raw)
-                column[i] = _python(value)
-        stamps: list[datetime | None] = [None] * n
-        for view_times in times:
-            for i, when in enumerate(view_times):
-                if when is not None and (stamps[i] is None or when > stamps[i]):
-                    stamps[i] = when
-        if len(where) < n:  # the same customer twice in a batch: copy the filled position to the others
-            for i, key in enumerate(keys):
-                j = where[key]
-                if j != i:
-                    for column in (*values.values(), *times):
-                        column[i] = column[j]
-                    stamps[i] = stamps[j]
-        return values, stamps, by_view
+                parsed = _python(value)
+                for i in at:
+                    column[i] = parsed
+        return values, by_view
 
 
 def _warn_about_listpack_hashes(online_store, config) -> None:
