@@ -178,6 +178,10 @@ class FeedbackStore:
             self._reader = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         out: dict[str, list[datetime]] = {c: [] for c in customer_ids}
         ids = list(out)
+        if len(ids) == 1:  # a single recommendation: a statement without the IN list's per-call expansion
+            for customer_id, sent_at in self._reader.execute(_RECENT_SENDS_ONE, {"id": ids[0], "since": since}):
+                out[customer_id].append(sent_at)
+            return out
         for i in range(0, len(ids), _IN_CHUNK):
             for customer_id, sent_at in self._reader.execute(_RECENT_SENDS, {"ids": ids[i : i + _IN_CHUNK],
                                                                              "since": since}):
@@ -208,6 +212,12 @@ class FeedbackStore:
 _RECENT_SENDS = (
     sa.select(feedback.c.customer_id, feedback.c.sent_at)
     .where(feedback.c.customer_id.in_(sa.bindparam("ids", expanding=True)), feedback.c.sent,
+           feedback.c.sent_at >= sa.bindparam("since", type_=feedback.c.sent_at.type))
+    .order_by(feedback.c.sent_at)
+)
+_RECENT_SENDS_ONE = (
+    sa.select(feedback.c.customer_id, feedback.c.sent_at)
+    .where(feedback.c.customer_id == sa.bindparam("id"), feedback.c.sent,
            feedback.c.sent_at >= sa.bindparam("since", type_=feedback.c.sent_at.type))
     .order_by(feedback.c.sent_at)
 )

@@ -136,8 +136,13 @@ def test_recent_sends_lists_sent_messages_since(store: FeedbackStore) -> None:
     store.record(Feedback("x8", "C1", sent=True, sent_at=SENT - timedelta(days=10)))
     store.record(Feedback("x15", "C1", sent=False))  # not sent: no contact
     store.record(Feedback("x2", "C2", sent=True, sent_at=SENT + timedelta(hours=2)))
-    sends = store.recent_sends(["C1", "C2", "C3"], since=SENT - timedelta(days=7))
-    assert sends == {"C1": [SENT], "C2": [SENT + timedelta(hours=2)], "C3": []}
+    store.record(Feedback("x22", "C1", sent=True, sent_at=SENT - timedelta(days=1)))
+    since = SENT - timedelta(days=7)
+    sends = store.recent_sends(["C1", "C2", "C3"], since=since)
+    assert sends == {"C1": [SENT - timedelta(days=1), SENT], "C2": [SENT + timedelta(hours=2)], "C3": []}
+    # One customer (a single recommendation) takes its own statement: the same rows, oldest first.
+    assert store.recent_sends(["C1"], since=since) == {"C1": sends["C1"]}
+    assert store.recent_sends(["C3"], since=since) == {"C3": []}
 
 
 def test_recent_sends_see_feedback_recorded_after_an_earlier_read(store: FeedbackStore) -> None:

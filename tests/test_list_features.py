@@ -7,7 +7,7 @@ import pytest
 
 from features.catalog import INT_LISTS, LIST_FEATURES, VIEWS, model_columns, stored_features
 from features.list_features import ListFeatureError, expand_frame, list_matrix
-from serving.scoring import MatrixPlan
+from serving.scoring import MatrixPlan, MatrixSet
 from training.matrix import FeatureMatrix
 
 ROWS = [[float(h) for h in range(24)], None, [0.5] * 24]
@@ -99,3 +99,31 @@ def test_matrix_plan_builds_few_and_many_rows_alike():
     spread = {**{k: v[:3] for k, v in values.items() if k != "email_hour_shares"},
               **expand_frame(frame[["email_hour_shares"]].head(3)).to_dict("list")}
     np.testing.assert_array_equal(plan.build(spread, 3), many[:3])  # element columns by their own names
+
+
+def test_matrix_set_gives_each_model_its_own_plans_matrix_from_one_pass():
+    # Two models sharing features, one with a list feature, and a category coded differently by each.
+    values = {"email_hour_shares": ROWS, "orders_365d": [3, None, 1], "segment": ["new", None, "x"],
+              "revenue_365d": [10.0, 2.5, None], "email_consent": [True, None, False]}
+    first = pd.DataFrame({k: values[k] for k in ("orders_365d", "segment", "revenue_365d")})
+    second = pd.DataFrame({"email_hour_shares": ROWS, "segment": ["x", "new", "zz"], "orders_365d": [1, 2, 3],
+                           "email_consent": [True, False, True]})
+    plans = {
+        "a": MatrixPlan(FeatureMatrix(model_columns(["orders_365d", "segment", "revenue_365d"])).fit(first)),
+        "b": MatrixPlan(FeatureMatrix(model_columns(["email_hour_shares", "segment", "orders_365d",
+                                                     "email_consent"])).fit(expand_frame(second))),
+    }
+    assert plans["a"].codes["segment"] != plans["b"].codes["segment"]  # the codes are each model's own
+    matrices = MatrixSet(plans)
+    assert len(matrices.union) == 5  # orders and segment for a, segment again for b's codes, revenue, consent
+    for n in (1, 3):
+        got = matrices.build({k: v[:n] for k, v in values.items()}, n)
+        assert set(got) == {"a", "b"}
+        for key, plan in plans.items():
+            np.testing.assert_array_equal(got[key], plan.build({k: v[:n] for k, v in values.items()}, n))
+    many = {k: v * 10 for k, v in values.items()}  # past the row-wise size: each plan by column, same result
+    got = matrices.build(many, 30)
+    for key, plan in plans.items():
+        np.testing.assert_array_equal(got[key], plan.build(many, 30))
+    unknown = matrices.build({}, 1)
+    assert all(np.isnan(m).all() for m in unknown.values())

@@ -26,6 +26,7 @@ from training.datasets import describe_window, ensure_snapshots, exposures_datas
 from training.evaluate import binary_metrics
 from training.matrix import FeatureMatrix
 from training.row_predict import RowPredictor
+from training.transforms import zero_missing
 
 log = logging.getLogger(__name__)
 MODEL_NAME = SERVICE = "next_best_offer"
@@ -97,7 +98,7 @@ class NextBestOfferModel(mlflow.pyfunc.PythonModel):
 
     def revenue_from(self, revenue_365d: np.ndarray, orders_365d: np.ndarray) -> np.ndarray:
         """:meth:`expected_revenue` on float arrays (NaN = missing = 0), for serving without frames."""
-        revenue, orders = np.nan_to_num(revenue_365d, nan=0.0), np.nan_to_num(orders_365d, nan=0.0)
+        revenue, orders = zero_missing(revenue_365d), zero_missing(orders_365d)
         return (revenue + REVENUE_PRIOR_ORDERS * self.revenue_prior) / (orders + REVENUE_PRIOR_ORDERS)
 
     def allowed(self, df: pd.DataFrame) -> np.ndarray:

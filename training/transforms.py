@@ -27,7 +27,7 @@ def btyd_features(df: pd.DataFrame, horizon_days: float = 90.0) -> pd.DataFrame:
 def btyd_arrays(orders: np.ndarray, tenure: np.ndarray, recency: np.ndarray,
                 horizon_days: float) -> dict[str, np.ndarray]:
     """:func:`btyd_features` on float arrays (NaN = missing), for serving without frames."""
-    orders, tenure = np.nan_to_num(orders, nan=0.0), np.nan_to_num(tenure, nan=0.0)
+    orders, tenure = zero_missing(orders), zero_missing(tenure)
     recency = np.where(np.isnan(recency), tenure, recency)
     lam = (orders + 0.5) / (tenure + 60.0)
     mu = _DROPOUT_RATE
@@ -38,6 +38,12 @@ def btyd_arrays(orders: np.ndarray, tenure: np.ndarray, recency: np.ndarray,
         "btyd_p_alive": p_alive,
         "btyd_expected_purchases_90d": lam * p_alive * horizon_days,
     }
+
+
+def zero_missing(a: np.ndarray) -> np.ndarray:
+    """``a`` with NaN (missing) as 0: ``np.nan_to_num(a, nan=0.0)`` for finite features at a fraction of its cost
+    on a scoring request's one-row arrays."""
+    return np.where(np.isnan(a), 0.0, a)
 
 
 def with_btyd(df: pd.DataFrame, horizon_days: float) -> pd.DataFrame:
