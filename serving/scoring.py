@@ -74,6 +74,13 @@ class MatrixPlan:
             pairs = [(k, where[e]) for k, e in enumerate(elements) if e in where]
             if pairs:
                 self.lists[name] = ([k for k, _ in pairs], [j for _, j in pairs])
+        # All list features at once (``_fill_lists_at_once``): their element columns, and the same elements'
+        # positions in the lists laid end to end, when every list has one width.
+        widths = {len(LIST_FEATURES[name]) for name in self.lists}
+        self._list_width = widths.pop() if len(widths) == 1 else None
+        self._list_columns = [j for _, cols in self.lists.values() for j in cols]
+        self._list_positions = [k * (self._list_width or 0) + p
+                                for k, (positions, _) in enumerate(self.lists.values()) for p in positions]
         self.stored = stored_features(self.columns)  # the feature names to read
         in_lists = {j for _, cols in self.lists.values() for j in cols}
         self.scalars = [(j, name, self.codes.get(name)) for j, name in enumerate(self.columns) if j not in in_lists]
@@ -96,6 +103,8 @@ class MatrixPlan:
 
     def fill_lists(self, out: np.ndarray, values: Mapping[str, Sequence], n: int) -> None:
         """The list features' element columns of ``out``."""
+        if n <= ROW_WISE_MAX and self._fill_lists_at_once(out, values, n):
+            return
         for name, (positions, cols) in self.lists.items():
             col = values.get(name)
             if col is None:  # not read as a list: the element columns by their own names, if given
@@ -103,6 +112,23 @@ class MatrixPlan:
                     out[:, j] = column(values, self.columns[j], n)
             else:
                 out[:, cols] = list_matrix(name, col)[:, positions]
+
+    def _fill_lists_at_once(self, out: np.ndarray, values: Mapping[str, Sequence], n: int) -> bool:
+        """A request's few rows of every list feature in one array conversion; False (nothing written) unless
+        each list feature arrived as a list of complete vectors (the online read of known customers)."""
+        if not self.lists or self._list_width is None:
+            return False
+        given = [values.get(name) for name in self.lists]
+        if any(type(col) is not list for col in given):
+            return False
+        try:
+            block = np.array(given, dtype=np.float64)  # (lists, n, width); a None or a ragged vector raises
+        except (TypeError, ValueError):
+            return False
+        if block.shape != (len(given), n, self._list_width):
+            return False
+        out[:, self._list_columns] = block.transpose(1, 0, 2).reshape(n, -1)[:, self._list_positions]
+        return True
 
 
 ROW_WISE_MAX = 16  # MatrixPlan.build fills up to this many rows value by value: numpy per column costs more
@@ -152,9 +178,14 @@ def _cell(col, i: int, codes: dict[str, float] | None) -> float:
     if col is None:
         return math.nan
     v = col[i]
+    if v is None:
+        return math.nan
     if codes is not None:
-        return math.nan if v is None else codes.get(str(v), math.nan)
-    return math.nan if v is None else _float(v)
+        return codes.get(str(v), math.nan)
+    return v if type(v) in _NUMBERS else _float(v)  # numbers go to the array as they are
+
+
+_NUMBERS = frozenset((float, int, bool))
 
 
 def _texts(values: Mapping[str, Sequence], name: str, n: int, default: str) -> list[str]:

@@ -127,3 +127,23 @@ def test_matrix_set_gives_each_model_its_own_plans_matrix_from_one_pass():
         np.testing.assert_array_equal(got[key], plan.build(many, 30))
     unknown = matrices.build({}, 1)
     assert all(np.isnan(m).all() for m in unknown.values())
+
+
+def test_a_request_of_complete_vectors_fills_every_list_at_once_as_training_does():
+    features = ["email_hour_shares", "push_sent_by_hour", "orders_365d"]
+    frame = pd.DataFrame({"email_hour_shares": [ROWS[0], ROWS[2]], "push_sent_by_hour": [[1] * 24, list(range(24))],
+                          "orders_365d": [1, 2]})
+    # A model that reads some elements only, in its own column order.
+    columns = [c for c in model_columns(features) if not c.endswith("_03")][::-1]
+    matrix = FeatureMatrix(columns).fit(expand_frame(frame))
+    plan = MatrixPlan(matrix)
+    online = {c: frame[c].tolist() for c in frame.columns}
+    np.testing.assert_array_equal(plan.build(online, 2), matrix.transform(expand_frame(frame)))
+    np.testing.assert_array_equal(plan.build({k: v[1:] for k, v in online.items()}, 1),
+                                  matrix.transform(expand_frame(frame.tail(1))))
+    short = {**online, "push_sent_by_hour": [[1] * 24, [1] * 23]}
+    with pytest.raises(ListFeatureError, match="push_sent_by_hour.*23"):
+        plan.build(short, 2)
+    narrow = {**online, "email_hour_shares": [[1.0] * 23] * 2, "push_sent_by_hour": [[1] * 23] * 2}
+    with pytest.raises(ListFeatureError, match="23, expected 24"):
+        plan.build(narrow, 2)

@@ -85,11 +85,6 @@ class ChannelFit:
     theta: np.ndarray
     send_base: float = 0.0  # open probability scale of the past-send evidence (0: not used)
 
-    def trials(self, X: np.ndarray, cols: dict[str, int], channel: str) -> Trials | None:
-        if self.send_base <= 0:
-            return None
-        return send_trials(X, cols, channel).with_params(self.evidence[2], self.evidence[3], self.send_base)
-
 
 @functools.lru_cache(maxsize=256)
 def _kernel(bw: float, shift: float = 0.0) -> np.ndarray:
@@ -308,14 +303,17 @@ class _Stack:
     response: np.ndarray  # (C, 24, 24)
     own_prior_term: np.ndarray  # (C, 1, 24)
     every_prior_term: np.ndarray  # (C, 1, 24)
-    trial_logs: tuple  # per channel: (log r, log 1 - r) of its past sends, None when they are not used
+    positions: list[int]  # each channel's place in CHANNELS (the inputs' channel axis)
+    uses_sends: np.ndarray  # (C,) bool: past sends are evidence (the channel's send_base > 0)
+    log_r: np.ndarray  # (C, 24, 24): log r of a past send [h, p], 0 where sends are not used
+    log_not_r: np.ndarray  # (C, 24, 24): log(1 - r), 0 likewise
     intercept: np.ndarray  # (C, 1, 1)
     theta_own: np.ndarray  # (C, 1, 1)
     theta_every: np.ndarray  # (C, 1, 1)
     theta_level: np.ndarray  # (C, 3)
 
     @classmethod
-    def of(cls, fits: list[ChannelFit]) -> _Stack:
+    def of(cls, fits: list[ChannelFit], channels: tuple[str, ...]) -> _Stack:
         def column(values) -> np.ndarray:
             return np.asarray(values, dtype=np.float64)[:, None, None]
 
@@ -323,6 +321,9 @@ class _Stack:
             return _log_prior_response(np.ascontiguousarray(prior, dtype=np.float64).tobytes(),
                                        float(f.evidence[2]), float(f.evidence[3]))
 
+        none = np.zeros((24, 24))
+        trial_logs = [_trial_logs(float(f.evidence[2]), float(f.evidence[3]), float(f.send_base))
+                      if f.send_base > 0 else (none, none) for f in fits]
         return cls(
             group_logits=np.stack([_logit(f.group_curves) for f in fits]),
             global_logits=np.stack([_logit(f.global_curve) for f in fits]),
@@ -333,13 +334,61 @@ class _Stack:
             response=np.stack([_response(float(f.evidence[2]), float(f.evidence[3])) for f in fits]),
             own_prior_term=np.stack([prior_term(f.prior, f) for f in fits])[:, None, :],
             every_prior_term=np.stack([prior_term(_FLAT, f) for f in fits])[:, None, :],
-            trial_logs=tuple(_trial_logs(float(f.evidence[2]), float(f.evidence[3]), float(f.send_base))
-                             if f.send_base > 0 else None for f in fits),
+            positions=[CHANNELS.index(c) for c in channels],
+            uses_sends=np.array([f.send_base > 0 for f in fits]),
+            log_r=np.stack([logs[0] for logs in trial_logs]),
+            log_not_r=np.stack([logs[1] for logs in trial_logs]),
             intercept=column([f.theta[0] for f in fits]),
             theta_own=column([f.theta[1] for f in fits]),
             theta_every=column([f.theta[2] for f in fits]),
             theta_level=np.stack([np.asarray(f.theta[3:], dtype=np.float64) for f in fits]),
         )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """A prepared matrix's send-time inputs for every channel, channel axis in ``CHANNELS`` order."""
+
+    counts: np.ndarray  # (rows, channels, 24) engagement counts per local hour (``hour_counts``)
+    every: np.ndarray  # (rows, 24) every channel's counts summed
+    sent: np.ndarray  # (rows, channels, 24) past sends per local hour (``send_trials``; 0 without the columns)
+    opened: np.ndarray  # (rows, channels, 24) those opened, at most the sends
+    active: np.ndarray  # (rows,) active days in the last 30
+    code: np.ndarray  # (rows,) group category code, -1 when unknown
+
+
+@dataclass(frozen=True)
+class _Gather:
+    """Column positions of every channel's inputs in a prepared matrix (see ``hour_counts``, ``send_trials``)."""
+
+    shares: np.ndarray  # (channels, 24)
+    totals: np.ndarray  # (channels,)
+    sent: np.ndarray  # (channels, 24); position 0 where the matrix has no such column
+    opened: np.ndarray  # (channels, 24)
+    has_sends: np.ndarray  # (channels,) bool: the matrix has the channel's send columns
+    active: int
+
+    @classmethod
+    def of(cls, cols: dict[str, int]) -> _Gather:
+        def where(pattern: str, channel: str) -> list[int]:
+            return [cols.get(name, 0) for name in _hour_names(channel + pattern)]
+
+        return cls(
+            shares=np.array([where("_hour_{h:02d}", c) for c in CHANNELS]),
+            totals=np.array([cols[f"{c}_engagements_365d"] for c in CHANNELS]),
+            sent=np.array([where("_sent_hour_{h:02d}", c) for c in CHANNELS]),
+            opened=np.array([where("_opened_hour_{h:02d}", c) for c in CHANNELS]),
+            has_sends=np.array([_hour_names(c + "_sent_hour_{h:02d}")[0] in cols for c in CHANNELS]),
+            active=cols["active_days_30d"],
+        )
+
+    def inputs(self, X: np.ndarray, code: np.ndarray) -> _Inputs:
+        counts = _zeroed(X[:, self.shares]) * _zeroed(X[:, self.totals])[:, :, None]
+        sent, opened = _zeroed(X[:, self.sent]), _zeroed(X[:, self.opened])
+        if not self.has_sends.all():
+            sent[:, ~self.has_sends] = opened[:, ~self.has_sends] = 0.0
+        opened = np.minimum(opened, sent)
+        return _Inputs(counts, counts.sum(axis=1), sent, opened, _zeroed(X[:, self.active]), code)
 
 
 def _stacked_evidence(logpost: np.ndarray, response: np.ndarray, prior_term: np.ndarray,
@@ -385,51 +434,50 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
         code[np.isnan(code)] = -1
         return code.astype(int)
 
-    def open_curve_matrix(self, X: np.ndarray, channel: str, counts: dict[str, np.ndarray] | None = None,
-                          code: np.ndarray | None = None) -> np.ndarray:
+    def open_curve_matrix(self, X: np.ndarray, channel: str) -> np.ndarray:
         """P(open within 24 h) at each local send hour, (rows, 24), for a prepared matrix.
 
         At hours without training sends (see ``allowed_hours``) the curve is an extrapolation, never chosen.
         """
-        return self.open_curves(X, (channel,), counts, code)[channel]
+        return self.open_curves(X, (channel,))[channel]
 
-    def open_curves(self, X: np.ndarray, channels: tuple[str, ...] | None = None,
-                    counts: dict[str, np.ndarray] | None = None, code: np.ndarray | None = None
-                    ) -> dict[str, np.ndarray]:
+    def open_curves(self, X: np.ndarray, channels: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Open-rate curves of ``channels`` (default: every modelled one), ``{channel: (rows, 24)}``.
 
-        Up to :data:`STACK_ROWS_MAX` rows, the channels are computed together, as (channels, rows, 24) stacks
-        with each channel's kernels and coefficients stacked once per model (:class:`_Stack`): a scoring
-        request's customer costs one pass of numpy calls for all channels instead of one per channel (about
-        0.43 -> 0.17 ms for four channels). Bigger matrices go a channel at a time: four channels' stacks of
-        thousands of rows outgrow the CPU cache and cost half as much again per row.
+        The inputs of every channel come out of ``X`` in a few gathers through index arrays made once per model
+        (:class:`_Gather`). Up to :data:`STACK_ROWS_MAX` rows, the channels are computed together, as (channels,
+        rows, 24) stacks with each channel's kernels and coefficients stacked once per model (:class:`_Stack`): a
+        scoring request's customer costs one pass of numpy calls for all channels instead of one per channel.
+        Bigger matrices go a channel at a time: four channels' stacks of thousands of rows outgrow the CPU cache
+        and cost half as much again per row.
         """
         channels = tuple(self.fits) if channels is None else tuple(channels)
-        counts = counts if counts is not None else {c: hour_counts(X, self.cols, c) for c in CHANNELS}
-        code = self.group_codes(X) if code is None else code
+        for c in channels:
+            self._fit(c)
+        if not channels:
+            return {}
+        inputs = self._gather().inputs(X, self.group_codes(X))
         if len(X) > STACK_ROWS_MAX and len(channels) > 1:  # big matrices: a channel at a time stays in cache
-            return {c: self._curves(X, (c,), counts, code)[c] for c in channels}
-        return self._curves(X, channels, counts, code) if channels else {}
+            return {c: self._curves(inputs, (c,))[c] for c in channels}
+        return self._curves(inputs, channels)
 
-    def _curves(self, X: np.ndarray, channels: tuple[str, ...], counts: dict[str, np.ndarray],
-                code: np.ndarray) -> dict[str, np.ndarray]:
+    def _curves(self, inputs: _Inputs, channels: tuple[str, ...]) -> dict[str, np.ndarray]:
         k = self._stack(channels)
+        code = inputs.code
         known = (code >= 0)[None, :, None]
         base = np.where(known, k.group_logits[:, np.maximum(code, 0)], k.global_logits[:, None, :])
-        own = np.stack([counts[c] for c in channels])  # (C, rows, 24)
-        every = sum(counts[c] for c in CHANNELS)  # (rows, 24)
-        active = _zeroed(X[:, self.cols["active_days_30d"]])
+        own = inputs.counts[:, k.positions, :].transpose(1, 0, 2)  # (C, rows, 24)
+        every = inputs.every  # (rows, 24)
         own_total, every_total = own.sum(axis=2), np.broadcast_to(every.sum(axis=1), own.shape[:2])
-        level = np.log1p(np.stack([own_total, every_total, np.broadcast_to(active, own.shape[:2])], axis=2))
+        level = np.log1p(np.stack([own_total, every_total, np.broadcast_to(inputs.active, own.shape[:2])], axis=2))
         # The customer's own channel: engagement hours and, where fitted, past sends as Bernoulli trials.
         logpost = k.temper * own @ k.own_log_kappa + k.log_prior
-        with_sends = [i for i, c in enumerate(channels) if k.trial_logs[i] is not None]
         any_send = np.zeros(own.shape[:2], dtype=bool)
-        for i in with_sends:
-            t = self.fits[channels[i]].trials(X, self.cols, channels[i])
-            log_r, log_not_r = k.trial_logs[i]
-            logpost[i] = logpost[i] + (t.opened @ log_r + (t.sent - t.opened) @ log_not_r)
-            any_send[i] = t.any()
+        if k.uses_sends.any():
+            sent = inputs.sent[:, k.positions, :].transpose(1, 0, 2)
+            opened = inputs.opened[:, k.positions, :].transpose(1, 0, 2)
+            logpost = logpost + (opened @ k.log_r + (sent - opened) @ k.log_not_r)  # 0 where sends are not used
+            any_send = (sent.sum(axis=2) > 0) & k.uses_sends[:, None]
         z_own = _stacked_evidence(logpost, k.response, k.own_prior_term, (own_total == 0) & ~any_send)
         # Every channel's engagement, flat prior.
         logpost = k.temper * every[None] @ k.every_log_kappa + np.log(_FLAT)
@@ -439,17 +487,25 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
         out = 1 / (1 + np.exp(-logit))
         return {c: out[i] for i, c in enumerate(channels)}
 
+    def _gather(self) -> _Gather:
+        """Where each channel's inputs sit in a prepared matrix, made once per model."""
+        found = self.__dict__.get("_gather_plan")
+        if found is None:
+            found = self.__dict__["_gather_plan"] = _Gather.of(self.cols)
+        return found
+
     def _stack(self, channels: tuple[str, ...]) -> _Stack:
         """The channels' parameters stacked for :meth:`open_curves`, built once per channel tuple."""
         cache = self.__dict__.setdefault("_stacks", {})
         found = cache.get(channels)
         if found is None:
-            found = cache[channels] = _Stack.of([self._fit(c) for c in channels])
+            found = cache[channels] = _Stack.of([self._fit(c) for c in channels], channels)
         return found
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.pop("_stacks", None)  # derived from the fits; rebuilt on first use
+        state.pop("_stacks", None)  # derived from the fits and columns; rebuilt on first use
+        state.pop("_gather_plan", None)
         return state
 
     def allowed_hours(self, channel: str, allowed: list[int] | None = None) -> np.ndarray:
