@@ -212,8 +212,8 @@ def floor(home: str, n_sample: int, batch_size: int, db_url: str, cpus: list[int
             sc.churn.score_matrix(x["churn"]), sc.churn.reasons(x["churn"])
         if sc.nbo is not None:
             sc.nbo.score_matrix(x["nbo"])
-        for ch in sc.send_time.channels if sc.send_time is not None else []:
-            sc.send_time.open_curve_matrix(x["send_time"], ch)
+        if sc.send_time is not None:  # every channel's curve in one call, as Scorer.score asks
+            sc.send_time.open_curves(x["send_time"])
 
     def read_score(batch: list[str]) -> None:
         rows = reader.read(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -77,6 +78,12 @@ def test_decision_record_is_json_safe_and_complete() -> None:
     assert record["payload"]["offers"][0]["offer_id"] == "OFF10"
     assert record["payload"]["suppressions"][0]["rule"] == "consent"
     assert record["payload"]["channels"][0]["best_local_hour"] == 19
+    # every field of each part, in field order, numpy scalars as plain floats
+    for key, parts in (("offers", decision.offers), ("channels", decision.channels),
+                       ("suppressions", decision.suppressions)):
+        assert [list(d) for d in record["payload"][key]] == [[f.name for f in dataclasses.fields(p)] for p in parts]
+    assert record["payload"]["offers"][0]["p_convert_with"] == 0.2
+    assert type(record["payload"]["offers"][0]["expected_incremental_profit"]) is float
 
 
 def test_flush_stores_records_and_lookup_sees_pending_and_flushed(db) -> None:
