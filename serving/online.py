@@ -29,6 +29,8 @@ from features.store import fast_failing_online_store
 
 log = logging.getLogger(__name__)
 _SCALARS = frozenset({"int32_val", "int64_val", "double_val", "float_val", "bool_val", "string_val"})
+# Lists of numbers (the hour vectors): Feast's conversion of these is list(value.<kind>.val), after a dozen checks
+_NUMBER_LISTS = frozenset({"int32_list_val", "int64_list_val", "double_list_val", "float_list_val", "bool_list_val"})
 
 
 class OnlineStoreUnavailable(RuntimeError):
@@ -105,6 +107,8 @@ def _python(value: ValueProto):
         return None
     if kind in _SCALARS:
         return getattr(value, kind)
+    if kind in _NUMBER_LISTS:
+        return list(getattr(value, kind).val)
     return feast_value_type_to_python_type(value)
 
 
