@@ -460,6 +460,31 @@ def test_postgres_down_at_start_then_ready_and_feedback_never_acknowledged_unsto
     assert {one["exposure_id"], two["exposure_id"]} <= stored and "x-unknown" not in stored
 
 
+def test_a_send_recorded_in_postgresql_caps_the_next_answer(world, monkeypatch):
+    """The contact history (feedback in PostgreSQL, queried on its own thread while the features are read and
+    scored) reaches the policy: a send recorded for an answer caps the customer's next answer."""
+    from datetime import UTC, datetime
+
+    _prod_env(monkeypatch, world)
+    ids = _customers(world, 400)[300:]  # customers no other test contacted
+    with _app(monkeypatch, world) as client:
+        service = client.app.state.service
+        assert service._history is not None  # a network database: the query runs beside the feature read
+        batch = client.post("/v1/recommendations/batch", json={"requests": [{"customer_id": c} for c in ids]})
+        assert batch.status_code == 200, batch.text
+        acted = next(r for r in batch.json()["results"] if r["action"] != "none")
+        _wait(lambda: service.decisions.flush() >= 0 and service.decisions.stats.pending == 0, 30,
+              what="the decision log to flush")
+        again = client.post("/v1/recommendations", json={"customer_id": acted["customer_id"]}).json()
+        assert again["reason"] != "contact_cap", again  # nothing sent yet
+
+        sent = {"exposure_id": acted["exposure_id"], "customer_id": acted["customer_id"],
+                "channel": acted["channel"], "sent": True, "sent_at": datetime.now(UTC).isoformat()}
+        assert client.post("/v1/feedback", json=sent).status_code == 200
+        capped = client.post("/v1/recommendations", json={"customer_id": acted["customer_id"]}).json()
+        assert (capped["action"], capped["reason"]) == ("none", "contact_cap"), capped
+
+
 def test_two_workers_writing_the_same_feedback_store_it_once(world):
     """Two processes (as two uvicorn workers would) post identical feedback for the same exposures at once."""
     from serving.servingdb import create_serving_engine
