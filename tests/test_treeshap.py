@@ -6,6 +6,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
+from training.churn import TOP_REASONS
 from training.treeshap import TreeShap, TreeShapUnsupported, top_positive
 
 
@@ -51,6 +52,22 @@ def test_equals_lightgbm_pred_contrib(zero_as_missing):
     np.testing.assert_allclose(got.sum(axis=1) + bias, booster.predict(X_new, raw_score=True), atol=1e-9)
 
 
+@pytest.mark.parametrize("zero_as_missing", [False, True])
+def test_one_row_over_the_trees_equals_lightgbm_pred_contrib(zero_as_missing):
+    X, y = _data()
+    booster = _booster(X, y, zero_as_missing=zero_as_missing)
+    shap = TreeShap(booster)
+    X_new, _ = _data(300, seed=2)
+    X_new[:6, 3] = [7, -1, 2.5, np.nan, 0, np.inf]  # an unseen code, a negative one, a fraction, missing, inf
+    X_new[6:9, 0] = [0.0, np.nan, -0.0]
+    expected = booster.predict(X_new, pred_contrib=True)[:, :-1]
+    got = np.array([shap.row_contributions(row) for row in X_new])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got, shap.contributions(X_new), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="expected 6 values"):
+        shap.row_contributions(X_new[0, :4])
+
+
 def test_too_large_trees_are_refused():
     X, y = _data()
     with pytest.raises(TreeShapUnsupported, match="splits"):
@@ -72,19 +89,26 @@ def test_top_positive_orders_and_drops_non_positive():
     assert top_positive(contrib, names, 3) == [["b", "d", "a"], [], ["d", "a", "b"]]
     assert top_positive(contrib, names, 1) == [["b"], [], ["d"]]
     assert top_positive(contrib[:0], names, 3) == []
+    # One row (a scoring request's customer) takes its own path: the same answers, ties in column order.
+    assert [top_positive(contrib[i:i + 1], names, 3)[0] for i in range(3)] == top_positive(contrib, names, 3)
+    assert top_positive(contrib[2:3], names, 4) == [["d", "a", "b"]]
 
 
 def test_churn_model_reason_codes_agree_between_single_rows_and_bulk(churn_model_and_rows):
-    """The API explains one customer with pred_contrib, batch scoring many with the tables: same codes."""
+    """The API explains one customer (the tables over the trees), batch scoring many (the tables over the rows),
+    LightGBM's pred_contrib is the reference: the same codes."""
     model, X = churn_model_and_rows
     bulk = model.reasons(X)  # >= BULK_ROWS rows: the tables
-    single = [model.reasons(X[i:i + 1])[0] for i in range(len(X))]  # pred_contrib per row
+    single = [model.reasons(X[i:i + 1])[0] for i in range(len(X))]  # one row at a time
     contrib = model.booster.predict(X, pred_contrib=True)[:, :-1]
+    reference = top_positive(contrib, list(model.matrix.columns_), TOP_REASONS)
     # Compare where the ranking is not a near-tie (float rounding may swap those).
     gaps = -np.diff(np.sort(contrib, axis=1)[:, ::-1][:, :4], axis=1).min(axis=1)
     clear = gaps > 1e-9
     assert clear.mean() > 0.9
     assert [b for b, c in zip(bulk, clear, strict=True) if c] == [s for s, c in zip(single, clear, strict=True) if c]
+    assert [b for b, c in zip(bulk, clear, strict=True) if c] == [r for r, c in zip(reference, clear, strict=True)
+                                                                  if c]
     assert any(bulk)  # some customers have reasons
 
 

@@ -79,14 +79,17 @@ class ChurnModel(mlflow.pyfunc.PythonModel):
     def contributions(self, X: np.ndarray) -> np.ndarray:
         """Per row and feature, the SHAP value of the raw score: LightGBM ``pred_contrib`` without the bias.
 
-        From :data:`BULK_ROWS` rows on, the same values come from :class:`training.treeshap.TreeShap`'s tables
-        (about 20x faster per row; built on first use, see :meth:`warm`); a single row goes to LightGBM.
+        The same values come from :class:`training.treeshap.TreeShap`'s tables (built on first use, see
+        :meth:`warm`): from :data:`BULK_ROWS` rows on vectorized over the rows (about 10x faster per row than
+        LightGBM), below it a row at a time vectorized over the trees (a scoring request's customer). A booster
+        whose trees are too large to tabulate goes to LightGBM.
         """
+        shap = self.warm()
+        if shap is None:
+            return self._rows().predict(X, "contrib")[:, :-1]  # last column: bias
         if len(X) >= BULK_ROWS:
-            shap = self.warm()
-            if shap is not None:
-                return shap.contributions(X)
-        return self._rows().predict(X, "contrib")[:, :-1]  # last column: bias
+            return shap.contributions(X)
+        return np.array([shap.row_contributions(row) for row in X]).reshape(len(X), shap.num_features)
 
     def _rows(self) -> RowPredictor:
         """The booster behind LightGBM's single-row fast path (a request's one customer), made on first use."""
