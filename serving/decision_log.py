@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from serving.servingdb import as_utc, decisions, upsert
-from serving.types import ChannelScore, Decision, OfferScore, Suppression
+from serving.types import Decision
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +89,17 @@ def decision_record(
     }
 
 
-_RECORDS = frozenset((OfferScore, ChannelScore, Suppression))
-
-
 def _json_safe(value: Any) -> Any:
     kind = type(value)
     if value is None or kind is str or kind is int or kind is bool:  # most values: checked first, cheaply
         return value
     if kind is float:
         return value if math.isfinite(value) else None
-    if kind in _RECORDS:  # the decision's parts: every field is in the instance's __dict__
-        return {k: _json_safe(v) for k, v in value.__dict__.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _json_safe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        state = getattr(value, "__dict__", None)  # every field, in order, unless the class uses __slots__
+        if state is None:
+            state = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {k: _json_safe(v) for k, v in state.items()}
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset | np.ndarray):

@@ -101,6 +101,8 @@ class EngageService:
         # the process in less time than the hand-over would cost.
         self._history = (ThreadPoolExecutor(1, thread_name_prefix="engage-contact-history")
                          if self.engine.dialect.name != "sqlite" else None)
+        caps = self.policy.contact_caps
+        self._longest_cap = timedelta(days=max(c.per_days for c in (caps.default, *caps.segments.values())))
         self.suppressed = SuppressionList(self.engine, settings.home)  # `engage forget`; refreshed in _on_reload
         self.metrics.on_collect(self._collect)
 
@@ -208,9 +210,7 @@ class EngageService:
         """
         if self._history is None:
             return None
-        window = max(cap.per_days for cap in (self.policy.contact_caps.default,
-                                              *self.policy.contact_caps.segments.values()))
-        return self._history.submit(self._read_recent_sends, ids, min(times) - timedelta(days=window))
+        return self._history.submit(self._read_recent_sends, ids, min(times) - self._longest_cap)
 
     def _recent_sends(self, ids: list[str], stamps: list, history: Future | None = None) -> dict[str, list[datetime]]:
         """Sends recorded by feedback since the oldest feature timestamp (contacts the features miss)."""

@@ -452,8 +452,6 @@ class SendTimeModel(mlflow.pyfunc.PythonModel):
         and cost half as much again per row.
         """
         channels = tuple(self.fits) if channels is None else tuple(channels)
-        for c in channels:
-            self._fit(c)
         if not channels:
             return {}
         inputs = self._gather().inputs(X, self.group_codes(X))

@@ -143,7 +143,10 @@ class TreeShap:
         self._flatten()
 
     def _flatten(self) -> None:
-        """Every tree's nodes and tables as flat arrays, for :meth:`row_contributions`."""
+        """Every tree's nodes and tables as flat arrays, for :meth:`row_contributions` (which needs none
+        without trees)."""
+        if not self.trees:
+            return
         nodes = [(t, k, node) for t, tree in enumerate(self.trees) for k, node in enumerate(tree.nodes)]
         self._node_feature = np.array([n.feature for _, _, n in nodes], dtype=np.intp)
         self._threshold = np.array([n.threshold if n.categories is None else 0.0 for _, _, n in nodes])
@@ -163,13 +166,11 @@ class TreeShap:
         # Table entries: tree t's row for code c and its j-th feature sit at base[t] + c * width[t] + j.
         widths = [len(tree.features) for tree in self.trees]
         bases = np.cumsum([0] + [tree.table.size for tree in self.trees[:-1]]).astype(np.intp)
-        self._flat_table = np.concatenate([tree.table.ravel() for tree in self.trees]) if self.trees else np.zeros(0)
+        self._flat_table = np.concatenate([tree.table.ravel() for tree in self.trees])
         self._entry_tree = np.repeat(np.arange(len(self.trees), dtype=np.intp), widths)
-        self._entry_offset = np.concatenate([bases[t] + np.arange(w, dtype=np.intp)
-                                             for t, w in enumerate(widths)]) if self.trees else np.zeros(0, np.intp)
+        self._entry_offset = np.concatenate([bases[t] + np.arange(w, dtype=np.intp) for t, w in enumerate(widths)])
         self._entry_width = np.repeat(np.array(widths, dtype=np.intp), widths)
-        self._entry_feature = np.concatenate([tree.features for tree in self.trees]).astype(np.intp) \
-            if self.trees else np.zeros(0, np.intp)
+        self._entry_feature = np.concatenate([tree.features for tree in self.trees]).astype(np.intp)
 
     def row_contributions(self, x: np.ndarray) -> np.ndarray:
         """(num_features,) SHAP values of one row: :meth:`contributions` vectorized over the trees instead of
