@@ -1,8 +1,11 @@
 """Batch scoring benchmark: every customer of an ENGAGE_HOME, end to end, beside the floor.
 
     python bench/bench_batch_score.py --home /path/to/home1m [--workers 2] [--top 100000] [--spark]
+        [--decision-log postgresql://user@host:5432/db]
 
-Each run's decisions go to an empty SQLite database of its own in the output folder.
+Each run's decisions go to an empty SQLite database of its own in the output folder, or, with
+``--decision-log`` (the production profile's serving database), to an empty schema of its own in that
+PostgreSQL database, dropped at the end.
 Needs the home's warehouse (ingested) and champions in the registry MLFLOW_TRACKING_URI points at (models
 trained on a smaller world are fine: the feature lists match). The as-of snapshot is built first when
 missing (timed apart: `engage features build` does the same).
@@ -78,7 +81,16 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=100_000, help="size of the win-back list run (0 = skip)")
     ap.add_argument("--spark", action="store_true", help="also run the Spark engine (local[*])")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one)")
+    ap.add_argument("--decision-log", default=None, metavar="URL",
+                    help="a PostgreSQL database for the decision log (a schema per run); default: SQLite files")
     args = ap.parse_args()
+    try:
+        run(args)
+    finally:
+        _drop_schemas(args.decision_log)
+
+
+def run(args: argparse.Namespace) -> None:
     os.environ["ENGAGE_HOME"] = str(args.home)
 
     from serving import batch
@@ -95,7 +107,7 @@ def main() -> None:
           f"({time.perf_counter() - started:.1f} s)")
 
     started = time.perf_counter()
-    _fresh_log(out_dir, "full")
+    _fresh_log(out_dir, "full", args.decision_log)
     opts = batch.BatchOptions(out=out_dir / "full.parquet", overwrite=True, workers=args.workers, run_id="bench")
     plan_ = batch.plan(args.home, opts)
     print(f"plan + model load: {time.perf_counter() - started:.1f} s; models {plan_.context.versions}; "
@@ -107,7 +119,7 @@ def main() -> None:
 
     rate_top = None
     if args.top:
-        _fresh_log(out_dir, "top")
+        _fresh_log(out_dir, "top", args.decision_log)
         opts_top = batch.BatchOptions(out=out_dir / "top.parquet", overwrite=True, workers=args.workers,
                                       run_id="bench", top=args.top)
         _, top = batch.run_local(batch.plan(args.home, opts_top, models=_models(plan_)))
@@ -124,7 +136,7 @@ def main() -> None:
     if args.spark:
         from serving.spark_batch import run_spark
 
-        _fresh_log(out_dir, "spark")
+        _fresh_log(out_dir, "spark", args.decision_log)
         opts_spark = batch.BatchOptions(out=out_dir / "spark.parquet", overwrite=True, run_id="bench")
         s = run_spark(batch.plan(args.home, opts_spark, directory_ok=True, models=_models(plan_)))
         spark_rate = s.rate
@@ -145,10 +157,38 @@ def main() -> None:
     np.seterr(all="ignore")
 
 
-def _fresh_log(out_dir: Path, run: str) -> None:
-    """Each run logs its decisions into an empty SQLite database of its own (the same run id in one database
-    would make the later runs' inserts skip rows already there)."""
-    os.environ["ENGAGE_SERVING_DB_URL"] = f"sqlite:///{(out_dir / f'decisions-{run}.db').resolve()}"
+_SCHEMAS: list[str] = []
+
+
+def _fresh_log(out_dir: Path, run: str, pg_url: str | None) -> None:
+    """Each run logs its decisions into an empty database of its own (the same run id in one database would
+    make the later runs' inserts skip rows already there): a SQLite file, or a new schema in ``pg_url``."""
+    if pg_url is None:
+        os.environ["ENGAGE_SERVING_DB_URL"] = f"sqlite:///{(out_dir / f'decisions-{run}.db').resolve()}"
+        return
+    import sqlalchemy as sa
+
+    schema = f"engage_bench_{run}_{os.getpid()}"
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as con:
+        con.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    engine.dispose()
+    _SCHEMAS.append(schema)
+    sep = "&" if "?" in pg_url else "?"
+    os.environ["ENGAGE_SERVING_DB_URL"] = f"{pg_url}{sep}options=-csearch_path%3D{schema}"
+
+
+def _drop_schemas(pg_url: str | None) -> None:
+    if pg_url is None or not _SCHEMAS:
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as con:
+        for schema in _SCHEMAS:
+            con.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    engine.dispose()
 
 
 def _models(plan_):
