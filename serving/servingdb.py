@@ -180,46 +180,62 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cur.close()
 
 
+class RowInserter:
+    """``INSERT ... ON CONFLICT DO NOTHING`` of rows given as column lists (every column of ``table``), prepared
+    once for an engine: SQLAlchemy's own statement and each column's bind processor for the dialect, so the
+    stored values are exactly what ``con.execute(insert, rows)`` stores, without its per-row statement building
+    (an executemany of prepared tuples). Values repeated in a column (as-of times, the run id) are processed once.
+    Columns in ``encoded`` hold values already in the database's form (JSON columns: JSON text), passed as is.
+    """
+
+    def __init__(self, engine: Engine, table: sa.Table, encoded: Collection[str] = ()) -> None:
+        dialect = engine.dialect
+        self.table, self.dialect = table, dialect
+        self.names = [c.name for c in table.columns]
+        self.compiled = upsert(engine, table).on_conflict_do_nothing().compile(dialect=dialect)
+        self.processors = {name: None if name in encoded else
+                           table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.names}
+
+    def insert(self, con: sa.Connection, columns: dict[str, list]) -> int:
+        """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
+        names = self.names
+        n = _check_columns(self.table, names, columns)
+        if n == 0:
+            return 0
+        processed = {name: _processed(columns[name], self.processors[name]) for name in names}
+        if self.dialect.positional:
+            params: list = list(zip(*(processed[k] for k in self.compiled.positiontup), strict=True))
+        else:
+            params = [dict(zip(names, row, strict=True)) for row in zip(*(processed[k] for k in names), strict=True)]
+        con.exec_driver_sql(self.compiled.string, params)
+        return n
+
+
 def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[dict[str, list]], *, encoded: Collection[str] = (),
                 on_chunk: Callable[[int], None] | None = None) -> int:
-    """Insert chunks of rows given as column lists (every column of ``table``), skipping rows whose keys exist,
+    """Insert chunks of rows given as column lists (:class:`RowInserter`), skipping rows whose keys exist,
     all in ONE transaction (nothing is stored unless everything is); returns the rows offered.
-
-    The statement and each column's bind processor are SQLAlchemy's own for the dialect, so the stored values
-    are exactly what ``con.execute(insert, rows)`` stores; only the per-row statement building is skipped (an
-    executemany of prepared tuples). Values repeated in a column (as-of times, the run id) are processed once.
-    Columns in ``encoded`` hold values already in the database's form (JSON columns: JSON text), passed as is.
 
     One transaction rather than one per chunk: the keys of a decision log are random, so each commit of a few
     thousand rows rewrote most pages of every index (a million rows wrote the indexes hundreds of times over).
     On SQLite the transaction gets a page cache of :data:`SQLITE_BULK_CACHE_KIB` for the same reason.
     """
-    names = [c.name for c in table.columns]
-    dialect = engine.dialect
-    compiled = upsert(engine, table).on_conflict_do_nothing().compile(dialect=dialect)
-    processors = {name: None if name in encoded else table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-                  for name in names}
+    inserter = RowInserter(engine, table, encoded)
+    sqlite_db = engine.dialect.name == "sqlite"
     offered = 0
     with engine.begin() as con:
-        if dialect.name == "sqlite":
+        if sqlite_db:
             con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BULK_CACHE_KIB}")
         try:
             for columns in chunks:
-                n = _check_columns(table, names, columns)
+                n = inserter.insert(con, columns)
                 if n == 0:
                     continue
-                processed = {name: _processed(columns[name], processors[name]) for name in names}
-                if dialect.positional:
-                    params: list = list(zip(*(processed[k] for k in compiled.positiontup), strict=True))
-                else:
-                    params = [dict(zip(names, row, strict=True))
-                              for row in zip(*(processed[k] for k in names), strict=True)]
-                con.exec_driver_sql(compiled.string, params)
                 offered += n
                 if on_chunk:
                     on_chunk(n)
         finally:
-            if dialect.name == "sqlite":
+            if sqlite_db:
                 with contextlib.suppress(sa.exc.DBAPIError):
                     con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
     return offered
