@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -44,11 +45,17 @@ def create_app(settings: ServingSettings, service: EngageService | None = None) 
         # the collector's generations, so a full collection never pauses a request to walk it.
         gc.collect()
         gc.freeze()
+        # A request arriving while a background thread (the decision log's flush: a few ms of Python per
+        # batch) holds the GIL waits for the thread's switch interval before it runs; Python's default of
+        # 5 ms put that wait straight into the answer's tail. With ``gil_switch_ms`` the wait is at most that.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(settings.gil_switch_ms / 1000)
         ok, why = svc.ready()
         log.info("engage serving %s: %s", "ready" if ok else "NOT ready", why)
         try:
             yield
         finally:
+            sys.setswitchinterval(switch)
             svc.close()
 
     app = FastAPI(

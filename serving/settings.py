@@ -22,6 +22,7 @@ class ServingSettings(BaseModel):
     serving_db_url: str | None = Field(None, description="feedback and decision log database (ENGAGE_SERVING_DB_URL)")
     decision_flush_s: float = Field(0.2, gt=0, le=60, description="decision log flush s (ENGAGE_DECISION_FLUSH_S)")
     max_batch: int = Field(1000, ge=1, le=10_000, description="customers per batch call; more is answered 413")
+    gil_switch_ms: float = Field(1.0, ge=0.1, le=100, description="thread switch interval, ms (ENGAGE_GIL_SWITCH_MS)")
 
     @field_validator("api_keys")
     @classmethod
@@ -48,5 +49,7 @@ class ServingSettings(BaseModel):
             values["reload_interval_s"] = env["ENGAGE_RELOAD_INTERVAL_S"]
         if env.get("ENGAGE_DECISION_FLUSH_S"):
             values["decision_flush_s"] = env["ENGAGE_DECISION_FLUSH_S"]
+        if env.get("ENGAGE_GIL_SWITCH_MS"):
+            values["gil_switch_ms"] = env["ENGAGE_GIL_SWITCH_MS"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from datetime import datetime, timedelta
 
 import pytest
@@ -85,6 +86,25 @@ def test_settings_read_the_flush_period_from_the_environment_and_refuse_bad_ones
         monkeypatch.setenv("ENGAGE_DECISION_FLUSH_S", bad)
         with pytest.raises(ValueError, match="decision_flush_s"):
             ServingSettings.from_env(serving_env.home)
+
+
+def test_settings_read_the_thread_switch_interval_and_refuse_bad_ones(serving_env, monkeypatch):
+    assert ServingSettings.from_env(serving_env.home).gil_switch_ms == 1.0
+    monkeypatch.setenv("ENGAGE_GIL_SWITCH_MS", "0.5")
+    assert ServingSettings.from_env(serving_env.home).gil_switch_ms == 0.5
+    for bad in ("0", "0.05", "-1", "101", "fast"):
+        monkeypatch.setenv("ENGAGE_GIL_SWITCH_MS", bad)
+        with pytest.raises(ValueError, match="gil_switch_ms"):
+            ServingSettings.from_env(serving_env.home)
+
+
+def test_the_service_runs_with_its_switch_interval_and_gives_the_old_one_back(serving_env):
+    before = sys.getswitchinterval()
+    settings = ServingSettings.from_env(serving_env.home, reload_interval_s=0, gil_switch_ms=0.7)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/healthz").status_code == 200
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+    assert sys.getswitchinterval() == before
 
 
 # ---- recommendations ------------------------------------------------------------------------------
