@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16, help="blocks of requests, the intervals in turn")
     ap.add_argument("--block", type=int, default=400, help="requests per block")
     ap.add_argument("--intervals", default="5,1", help="switch intervals to compare, ms, comma-separated")
+    ap.add_argument("--with-batch", type=int, default=0, metavar="N",
+                    help="also answer a batch of N customers every second on a second thread, as concurrent "
+                         "POST /v1/recommendations/batch calls run on the server's thread pool")
     args = ap.parse_args()
     if args.home is None or not args.home.is_dir():
         raise SystemExit("--home: an ENGAGE_HOME with a materialized store and champion models")
@@ -77,6 +81,18 @@ def main() -> None:
         lat: dict[float, list[float]] = {s: [] for s in intervals}
         before = sys.getswitchinterval()
         period, i = 1 / args.rate, 300
+        stop = threading.Event()
+        batches = [0]
+
+        def batch_calls() -> None:
+            chunk = reqs[:args.with_batch]
+            while not stop.wait(1.0):
+                svc.recommend(chunk, "batch_api")
+                batches[0] += 1
+
+        worker = threading.Thread(target=batch_calls, daemon=True) if args.with_batch else None
+        if worker:
+            worker.start()
         try:
             for block in range(args.blocks):
                 switch = intervals[block % len(intervals)]
@@ -90,10 +106,14 @@ def main() -> None:
                     i += 1
                     lat[switch].append(time.perf_counter() - due)
         finally:
+            stop.set()
+            if worker:
+                worker.join()
             sys.setswitchinterval(before)
             svc.close()
     print(f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; {args.rate:g} requests/s in process, {args.blocks} blocks of {args.block}")
+          f"{platform.python_version()}; {args.rate:g} requests/s in process, {args.blocks} blocks of {args.block}"
+          + (f"; beside them {batches[0]} batch calls of {args.with_batch} customers, one a second" if args.with_batch else ""))
     print("| switch interval | requests | p50 ms | p90 ms | p99 ms | max ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     for switch, values in lat.items():
