@@ -111,9 +111,10 @@ def main() -> None:
                 worker.join()
             sys.setswitchinterval(before)
             svc.close()
+    beside = f"; beside them {batches[0]} batch calls of {args.with_batch} customers, one a second"
     print(f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.rate:g} requests/s in process, {args.blocks} blocks of {args.block}"
-          + (f"; beside them {batches[0]} batch calls of {args.with_batch} customers, one a second" if args.with_batch else ""))
+          + (beside if args.with_batch else ""))
     print("| switch interval | requests | p50 ms | p90 ms | p99 ms | max ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     for switch, values in lat.items():
