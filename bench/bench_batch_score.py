@@ -166,10 +166,10 @@ def _fresh_log(out_dir: Path, run: str, pg_url: str | None) -> None:
     if pg_url is None:
         os.environ["ENGAGE_SERVING_DB_URL"] = f"sqlite:///{(out_dir / f'decisions-{run}.db').resolve()}"
         return
-    import sqlalchemy as sa
+    from serving.servingdb import create_serving_engine
 
     schema = f"engage_bench_{run}_{os.getpid()}"
-    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = create_serving_engine(pg_url, create=False)
     with engine.begin() as con:
         con.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         con.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
@@ -182,9 +182,9 @@ def _fresh_log(out_dir: Path, run: str, pg_url: str | None) -> None:
 def _drop_schemas(pg_url: str | None) -> None:
     if pg_url is None or not _SCHEMAS:
         return
-    import sqlalchemy as sa
+    from serving.servingdb import create_serving_engine
 
-    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = create_serving_engine(pg_url, create=False)
     with engine.begin() as con:
         for schema in _SCHEMAS:
             con.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

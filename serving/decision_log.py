@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 5_000  # records per transaction
 _REF_COLUMNS = ("request_id", "exposure_id", "customer_id", "decided_at", "chosen_offer", "channel", "propensity")
-_COLUMNS = tuple(c.name for c in decisions.columns)
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class DecisionLog:
         # Column lists through a prepared insert: this runs on a thread beside the requests and holds the GIL
         # while it prepares the rows, so its cost is paid by whichever answer is waiting (half of what
         # SQLAlchemy's per-row statement building took).
-        columns = {c: [r.get(c) for r in records] for c in _COLUMNS}
+        columns = {c: [r.get(c) for r in records] for c in self._inserter.names}
         ids = columns["decision_id"]
         for i, record in enumerate(records):
             if not ids[i]:  # records built by hand: a key of their own, kept across retries

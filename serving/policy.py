@@ -134,6 +134,11 @@ class ContactCaps(_Strict):
         """The cap that applies to a segment."""
         return self.segments.get(segment, self.default)
 
+    @property
+    def longest_days(self) -> float:
+        """The longest window any cap counts messages over: an older send counts against no cap."""
+        return max(c.per_days for c in (self.default, *self.segments.values()))
+
 
 class QuietHours(_Strict):
     """Local hours with no sends, from ``start`` up to ``end`` (wrapping midnight when start > end)."""

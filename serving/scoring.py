@@ -222,7 +222,7 @@ class Scorer:
     def __init__(self, churn=None, nbo=None, send_time=None, versions: Mapping[str, str] | None = None,
                  default_segment: str = "new"):
         self.churn, self.nbo, self.send_time = churn, nbo, send_time
-        if churn is not None and hasattr(churn, "warm"):
+        if churn is not None:
             churn.warm()  # the reason codes' SHAP tables (about a second) at load, not in the first request
         self.versions = dict(versions or {})
         self.default_segment = default_segment

@@ -101,8 +101,7 @@ class EngageService:
         # the process in less time than the hand-over would cost.
         self._history = (ThreadPoolExecutor(1, thread_name_prefix="engage-contact-history")
                          if self.engine.dialect.name != "sqlite" else None)
-        caps = self.policy.contact_caps
-        self._longest_cap = timedelta(days=max(c.per_days for c in (caps.default, *caps.segments.values())))
+        self._longest_cap = timedelta(days=self.policy.contact_caps.longest_days)
         self.suppressed = SuppressionList(self.engine, settings.home)  # `engage forget`; refreshed in _on_reload
         self.metrics.on_collect(self._collect)
 
@@ -216,6 +215,8 @@ class EngageService:
         """Sends recorded by feedback since the oldest feature timestamp (contacts the features miss)."""
         known = [s for s in stamps if s is not None]
         if not known:
+            if history is not None:
+                history.cancel()  # no feature time to count from (degraded): the answer needs no history
             return {}
         since = min(known)
         if history is None:

@@ -116,3 +116,13 @@ def test_offer_settings_override_only_the_fields_they_name(tmp_path):
     assert rule.lever == 2 and segments == {"dormant", "at_risk"} and channels == frozenset()
     other, _, _ = policy.offer_rule("OFF10")  # not listed: the defaults
     assert other.lever == 0.5 and other.enabled
+
+
+def test_longest_contact_cap_window_covers_the_default_and_every_segment():
+    segments = {"high_value": {"max_messages": 1, "per_days": 21}, "new": {"max_messages": 2, "per_days": 3}}
+    caps = Policy.model_validate({"contact_caps": {"default": {"max_messages": 1, "per_days": 7},
+                                                   "segments": segments}}).contact_caps
+    assert caps.longest_days == 21
+    alone = Policy.model_validate({"contact_caps": {"default": {"max_messages": 1, "per_days": 30},
+                                                    "segments": {}}}).contact_caps
+    assert alone.longest_days == 30
