@@ -211,10 +211,19 @@ def test_requested_channels_are_the_only_candidates(client, customers):
         assert {c["channel"] for c in body["channels"]} <= {"in_app"}
 
 
-def test_naive_now_is_utc(client, customers):
-    a = _recommend(client, customers[1], now="2026-01-05T12:00:00").json()
-    b = _recommend(client, customers[1], now="2026-01-05T13:00:00+01:00").json()
-    assert a["send_at"] == b["send_at"]
+def test_naive_now_is_utc(settings, serving_env, customers, tmp_path):
+    # Exploration off: with it, each request draws on its own request id and may explore to another offer,
+    # hence another channel and send time, whatever the clock says.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("exploration: {epsilon: 0.0}\n")
+    ids = ("request_id", "exposure_id")
+    with TestClient(create_app(settings.model_copy(update={"policy_path": policy}))) as c:
+        c.headers["Authorization"] = f"Bearer {serving_env.api_key}"
+        answers = [(_recommend(c, cid, now="2026-01-05T12:00:00").json(),
+                    _recommend(c, cid, now="2026-01-05T13:00:00+01:00").json()) for cid in customers[:5]]
+    assert any(a["send_at"] is not None for a, _ in answers)
+    for a, b in answers:
+        assert {k: v for k, v in a.items() if k not in ids} == {k: v for k, v in b.items() if k not in ids}
 
 
 # ---- degraded, reload, not ready ------------------------------------------------------------------
