@@ -9,12 +9,16 @@ SQLAlchemy URL (``postgresql+psycopg://user@host/db`` in production) to use anot
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
@@ -211,21 +215,114 @@ class RowInserter:
         return n
 
 
+class CopyInserter:
+    """The same insert as :class:`RowInserter` on PostgreSQL, through ``COPY``: each chunk's column lists become
+    CSV in Arrow (no Python per row), are copied into a temporary table shaped like ``table`` (its NOT NULL
+    constraints, none of its indexes), and move over with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``.
+
+    A prepared executemany costs the client about 30 us of Python per 18-column row and the server a statement
+    per row; a million decisions took 50 s that way. Values are converted as the columns' types bind them:
+    timestamps as UTC (naive = UTC, ISO strings parsed), JSON with the dialect's serializer, ``encoded`` columns
+    (JSON text) as given. Call :meth:`begin` once per transaction before :meth:`insert`.
+    """
+
+    def __init__(self, engine: Engine, table: sa.Table, encoded: Collection[str] = ()) -> None:
+        if engine.dialect.name != "postgresql":
+            raise ValueError(f"COPY is PostgreSQL's, not {engine.dialect.name}'s")
+        self.table, self.dialect = table, engine.dialect
+        self.names = [c.name for c in table.columns]
+        self.converters = {c.name: _copy_converter(c, encoded, engine.dialect) for c in table.columns}
+        load = f"engage_load_{table.name}"
+        columns = ", ".join(f'"{n}"' for n in self.names)
+        self.create_sql = f'CREATE TEMPORARY TABLE IF NOT EXISTS "{load}" (LIKE "{table.name}") ON COMMIT DROP'
+        self.copy_sql = f'COPY "{load}" ({columns}) FROM STDIN (FORMAT csv)'
+        self.move_sql = (f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} FROM "{load}" '
+                         "ON CONFLICT DO NOTHING")
+        self.clear_sql = f'TRUNCATE "{load}"'
+
+    @staticmethod
+    def supports(table: sa.Table) -> bool:
+        """Whether every column of ``table`` has a type :class:`CopyInserter` converts."""
+        return all(_arrow_type(c) is not None for c in table.columns)
+
+    def begin(self, con: sa.Connection) -> None:
+        con.exec_driver_sql(self.create_sql)
+
+    def insert(self, con: sa.Connection, columns: dict[str, list]) -> int:
+        """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
+        n = _check_columns(self.table, self.names, columns)
+        if n == 0:
+            return 0
+        arrays = []
+        for name in self.names:
+            arrow_type, convert = self.converters[name]
+            values = columns[name] if convert is None else _processed(columns[name], convert)
+            try:
+                arrays.append(pa.array(values, type=arrow_type))
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+                raise ValueError(f"column {name} of {self.table.name}: {exc}") from exc
+        data = io.BytesIO()
+        pa_csv.write_csv(pa.Table.from_arrays(arrays, names=self.names), data,
+                         pa_csv.WriteOptions(include_header=False))
+        raw = con.connection.dbapi_connection
+        try:
+            with raw.cursor() as cur:
+                with cur.copy(self.copy_sql) as copy:
+                    copy.write(data.getbuffer())
+                cur.execute(self.move_sql)
+                cur.execute(self.clear_sql)
+        except self.dialect.loaded_dbapi.Error as exc:  # as SQLAlchemy would raise it (IntegrityError, ...)
+            raise sa.exc.DBAPIError.instance(self.copy_sql, None, exc, self.dialect.loaded_dbapi.Error) from exc
+        return n
+
+
+def _arrow_type(column: sa.Column) -> pa.DataType | None:
+    kind = column.type
+    if isinstance(kind, UTCDateTime):
+        return pa.timestamp("us", tz="UTC")  # written as ...Z: PostgreSQL reads the instant
+    if isinstance(kind, (sa.JSON, sa.String)):
+        return pa.string()
+    if isinstance(kind, sa.Boolean):
+        return pa.bool_()
+    if isinstance(kind, sa.Float):
+        return pa.float64()
+    if isinstance(kind, sa.Integer):
+        return pa.int64()
+    return None
+
+
+def _copy_converter(column: sa.Column, encoded: Collection[str],
+                    dialect: sa.Dialect) -> tuple[pa.DataType, Callable[[Any], Any] | None]:
+    """A column's Arrow type and what makes its bound values into that type (None: nothing)."""
+    arrow_type = _arrow_type(column)
+    if arrow_type is None:
+        raise ValueError(f"COPY does not convert column {column.name} ({column.type})")
+    if isinstance(column.type, UTCDateTime):
+        return arrow_type, as_utc
+    if isinstance(column.type, sa.JSON) and column.name not in encoded:
+        return arrow_type, getattr(dialect, "_json_serializer", None) or json.dumps  # None -> JSON null, as bound
+    return arrow_type, None
+
+
 def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[dict[str, list]], *, encoded: Collection[str] = (),
                 on_chunk: Callable[[int], None] | None = None) -> int:
-    """Insert chunks of rows given as column lists (:class:`RowInserter`), skipping rows whose keys exist,
-    all in ONE transaction (nothing is stored unless everything is); returns the rows offered.
+    """Insert chunks of rows given as column lists, skipping rows whose keys exist, all in ONE transaction
+    (nothing is stored unless everything is); returns the rows offered. PostgreSQL copies them
+    (:class:`CopyInserter`), SQLite inserts them prepared (:class:`RowInserter`).
 
     One transaction rather than one per chunk: the keys of a decision log are random, so each commit of a few
     thousand rows rewrote most pages of every index (a million rows wrote the indexes hundreds of times over).
     On SQLite the transaction gets a page cache of :data:`SQLITE_BULK_CACHE_KIB` for the same reason.
     """
-    inserter = RowInserter(engine, table, encoded)
     sqlite_db = engine.dialect.name == "sqlite"
+    copy = engine.dialect.name == "postgresql" and CopyInserter.supports(table)
+    inserter = CopyInserter(engine, table, encoded) if copy else RowInserter(engine, table, encoded)
     offered = 0
     with engine.begin() as con:
         if sqlite_db:
             con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BULK_CACHE_KIB}")
+        if copy:
+            inserter.begin(con)
         try:
             for columns in chunks:
                 n = inserter.insert(con, columns)

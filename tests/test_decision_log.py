@@ -223,11 +223,14 @@ def _bulk_columns(ids: list[int]) -> dict[str, list]:
         "decided_at": [DECIDED] * len(ids),
         "source": ["batch"] * len(ids),
         "action": ["retain" if i % 3 else "none" for i in ids],
-        "reason": [None if i % 3 else "holdout" for i in ids],
+        # Text COPY must carry as is: quotes, commas, a line break, an empty string (not NULL), non-ASCII.
+        "reason": [(None, "holdout", "", 'say "no", then\nleave', "café \\N")[i % 5] for i in ids],
         "chosen_offer": ["OFF10" if i % 2 else None for i in ids],
         "channel": ["email"] * len(ids),
-        "send_at": [datetime(2025, 6, 2, i % 24, tzinfo=UTC) for i in ids],
-        "propensity": [0.25 * (i % 4) for i in ids],
+        # Aware, naive (= UTC) and ISO 8601 text, as UTCDateTime binds them.
+        "send_at": [(datetime(2025, 6, 2, i % 24, tzinfo=UTC), datetime(2025, 6, 2, 5, 30, 0, 250),
+                     "2025-06-02T05:00:00+02:00", None)[i % 4] for i in ids],
+        "propensity": [None if i == 7 else 0.25 * (i % 4) + 1e-17 * i for i in ids],
         "cold_start": [False] * len(ids),
         "degraded": [False] * len(ids),
         "holdout": [i % 3 == 0 for i in ids],
@@ -269,6 +272,8 @@ def _bulk_matches_orm_path(url_a: str, url_b: str) -> None:
     assert by_id["d1"]["decided_at"] == DECIDED and by_id["d1"]["payload"]["rank"] == 1
     assert by_id["d1"]["model_versions"] == {"churn": "3"} and by_id["d1"]["holdout"] is False
     assert by_id["d3"]["holdout"] is True and by_id["d3"]["exposure_id"] is None
+    assert by_id["d2"]["reason"] == "" and by_id["d3"]["reason"] == 'say "no", then\nleave'
+    assert by_id["d2"]["send_at"] == datetime(2025, 6, 2, 3, tzinfo=UTC) and by_id["d3"]["send_at"] is None
     # Existing keys are skipped (a re-run of a batch job), new ones added.
     bulk_insert(bulk, decisions, [_bulk_columns(list(range(8, 16)))])
     assert len(_rows(bulk)) == 16
@@ -285,6 +290,9 @@ def test_bulk_insert_sqlite_matches_orm_path(tmp_path: Path) -> None:
 
 @pytest.mark.needs_service
 def test_bulk_insert_postgres_matches_orm_path(pg_url: str) -> None:
+    from serving.servingdb import CopyInserter
+
+    assert CopyInserter.supports(decisions)  # so PostgreSQL's bulk path below is the COPY one
     other = f"engage_bulk_{uuid.uuid4().hex[:8]}"  # a second schema for the reference path
     admin = sa.create_engine(pg_url)
     with admin.begin() as con:
@@ -295,3 +303,20 @@ def test_bulk_insert_postgres_matches_orm_path(pg_url: str) -> None:
         with admin.begin() as con:
             con.exec_driver_sql(f'DROP SCHEMA "{other}" CASCADE')
         admin.dispose()
+
+
+@pytest.mark.needs_service
+def test_copy_refuses_a_value_of_the_wrong_type_and_stores_nothing(pg_url: str) -> None:
+    from serving.servingdb import bulk_insert
+
+    engine = create_serving_engine(pg_url)
+    before = len(_rows(engine))
+    bad = _bulk_columns([101, 102])
+    bad["customer_id"] = ["C101", 102]
+    with pytest.raises(ValueError, match="column customer_id of decisions"):
+        bulk_insert(engine, decisions, [_bulk_columns([100]), bad])  # the first chunk is rolled back with it
+    with pytest.raises(ValueError, match="column propensity"):
+        bulk_insert(engine, decisions, [_bulk_columns([103]) | {"propensity": ["high"]}])
+    assert len(_rows(engine)) == before
+    assert bulk_insert(engine, decisions, [_bulk_columns([100, 101])]) == 2  # the connection is usable after
+    assert len(_rows(engine)) == before + 2
