@@ -116,7 +116,7 @@ from features.snapshots import (
     snapshot_file,
     to_utc,
 )
-from serving.batch_log import ENCODED, decision_columns, exposure_id, hash_id
+from serving.batch_log import ENCODED, decision_table, exposure_id, hash_id
 from serving.decide import decide
 from serving.policy import Holdout, Policy
 from serving.scoring import POLICY_FEATURES, Scorer
@@ -687,8 +687,8 @@ def log_decisions(plan_: BatchPlan, listed: pa.Table, on_progress: Callable[[int
     if plan_.engine is None:
         return 0
     ctx = plan_.context
-    chunks = (decision_columns(listed.slice(start, LOG_BATCH_ROWS), id_key=ctx.id_key, run_id=ctx.run_id,
-                               as_of=ctx.as_of, versions=ctx.versions)
+    chunks = (decision_table(listed.slice(start, LOG_BATCH_ROWS), id_key=ctx.id_key, run_id=ctx.run_id,
+                             as_of=ctx.as_of, versions=ctx.versions)
               for start in range(0, listed.num_rows, LOG_BATCH_ROWS))
     try:
         return bulk_insert(plan_.engine, decisions, chunks, encoded=ENCODED, on_chunk=on_progress)

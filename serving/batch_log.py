@@ -13,10 +13,12 @@ row): a million rows take about a second, where a dict per row and ``json.dumps`
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def hash_id(*parts: str) -> str:
@@ -71,56 +73,52 @@ FROM listed
 """
 
 
-def payloads(rows: pa.Table) -> list[str]:
+def payloads(rows: pa.Table) -> pa.ChunkedArray:
     """The JSON payload of each row of a ranked list, in order."""
     con = duckdb.connect()
     try:
         con.register("listed", rows.select(list(LOG_COLUMNS)))
-        return con.sql(PAYLOAD_SQL).to_arrow_table().column("payload").to_pylist()
+        return con.sql(PAYLOAD_SQL).to_arrow_table().column("payload")
     finally:
         con.close()
 
 
-def _repeated_values(column: pa.ChunkedArray | pa.Array) -> list:
-    """``column.to_pylist()`` for a column of few distinct values (send times: a few dozen hours), each made
-    into a Python object once: a timezone-aware datetime per row cost about 4 s a million."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    encoded = column.dictionary_encode()
-    values = encoded.dictionary.to_pylist()
-    return [None if i is None else values[i] for i in encoded.indices.to_pylist()]
+ENCODED = ("model_versions", "payload")  # JSON columns decision_table gives as JSON text (bulk_insert's ``encoded``)
+
+_UTC = pa.timestamp("us", tz="UTC")
 
 
-ENCODED = ("payload",)  # columns decision_columns gives as JSON text (serving.servingdb.bulk_insert's ``encoded``)
-
-
-def decision_columns(rows: pa.Table, *, id_key: str, run_id: str, as_of: datetime,
-                     versions: dict[str, str]) -> dict[str, list]:
-    """The decision-log rows of listed rows, column by column (``payload`` as JSON text, see :data:`ENCODED`)."""
+def decision_table(rows: pa.Table, *, id_key: str, run_id: str, as_of: datetime,
+                   versions: dict[str, str]) -> pa.Table:
+    """The decision-log rows of listed rows: an Arrow table with the columns of table ``decisions`` (its JSON
+    columns as JSON text, see :data:`ENCODED`), built column by column without a Python object per value
+    except the decision ids."""
     n = rows.num_rows
-    data = {c: rows.column(c).to_pylist() for c in ("customer_id", "exposure_id", "action", "action_reason",
-                                                     "holdout", "best_offer", "propensity", "channel")}
-    data["send_at"] = _repeated_values(rows.column("send_at"))
-    held = [bool(h) for h in data["holdout"]]
-    model_versions = {k: str(v) for k, v in versions.items()}  # one object: its JSON is made once
-    return {
-        "decision_id": [decision_id(id_key, c) for c in data["customer_id"]],
-        "request_id": [run_id] * n,
-        "exposure_id": data["exposure_id"],
-        "customer_id": data["customer_id"],
-        "decided_at": [as_of] * n,
-        "source": ["batch"] * n,
-        "action": data["action"],
-        "reason": data["action_reason"],
-        "chosen_offer": [None if h else o for h, o in zip(held, data["best_offer"], strict=True)],
-        "channel": data["channel"],
-        "send_at": data["send_at"],
-        "propensity": [1.0 if h else (None if p is None or p != p else p)
-                       for h, p in zip(held, data["propensity"], strict=True)],
-        "cold_start": [False] * n,
-        "degraded": [False] * n,
+    held = pc.fill_null(rows.column("holdout"), False)
+    propensity = rows.column("propensity")
+    propensity = pc.if_else(pc.fill_null(pc.is_nan(propensity), True), pa.scalar(None, pa.float64()), propensity)
+    model_versions = json.dumps({k: str(v) for k, v in versions.items()})
+
+    def repeat(value, kind: pa.DataType) -> pa.Array:
+        return pa.repeat(pa.scalar(value, kind), n)
+
+    return pa.table({
+        "decision_id": pa.array([decision_id(id_key, c) for c in rows.column("customer_id").to_pylist()], pa.string()),
+        "request_id": repeat(run_id, pa.string()),
+        "exposure_id": rows.column("exposure_id"),
+        "customer_id": rows.column("customer_id"),
+        "decided_at": repeat(as_of, _UTC),
+        "source": repeat("batch", pa.string()),
+        "action": rows.column("action"),
+        "reason": rows.column("action_reason"),
+        "chosen_offer": pc.if_else(held, pa.scalar(None, pa.string()), rows.column("best_offer")),
+        "channel": rows.column("channel"),
+        "send_at": rows.column("send_at").cast(_UTC),
+        "propensity": pc.if_else(held, 1.0, propensity),
+        "cold_start": repeat(False, pa.bool_()),
+        "degraded": repeat(False, pa.bool_()),
         "holdout": held,
-        "feature_timestamp": [as_of] * n,
-        "model_versions": [model_versions] * n,
+        "feature_timestamp": repeat(as_of, _UTC),
+        "model_versions": repeat(model_versions, pa.string()),
         "payload": payloads(rows),
-    }
+    })

@@ -13,6 +13,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from engage import profile
 from engage.settings import resolve_home
 
 SERVING_DB_FILE = Path("serving") / "serving.db"
+Chunk = dict[str, list] | pa.Table  # rows given to bulk_insert: column lists, or an Arrow table
 BUSY_TIMEOUT_MS = 10_000  # how long a SQLite writer waits for another writer's lock
 
 
@@ -200,9 +202,11 @@ class RowInserter:
         self.processors = {name: None if name in encoded else
                            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.names}
 
-    def insert(self, con: sa.Connection, columns: dict[str, list]) -> int:
+    def insert(self, con: sa.Connection, columns: Chunk) -> int:
         """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
         names = self.names
+        if isinstance(columns, pa.Table):
+            columns = arrow_columns(columns, self.table)
         n = _check_columns(self.table, names, columns)
         if n == 0:
             return 0
@@ -248,31 +252,55 @@ class CopyInserter:
     def begin(self, con: sa.Connection) -> None:
         con.exec_driver_sql(self.create_sql)
 
-    def insert(self, con: sa.Connection, columns: dict[str, list]) -> int:
-        """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
-        n = _check_columns(self.table, self.names, columns)
+    def encode(self, columns: Chunk) -> tuple[bytes, int]:
+        """One chunk as the CSV that :meth:`send` copies, and its number of rows."""
+        if isinstance(columns, pa.Table):
+            n = _check_columns(self.table, self.names, {c: columns.column(c) for c in columns.column_names})
+            arrays = [self._cast(name, columns.column(name)) for name in self.names]
+        else:
+            n = _check_columns(self.table, self.names, columns)
+            arrays = [self._array(name, columns[name]) for name in self.names]
         if n == 0:
-            return 0
-        arrays = []
-        for name in self.names:
-            arrow_type, convert = self.converters[name]
-            values = columns[name] if convert is None else _processed(columns[name], convert)
-            try:
-                arrays.append(pa.array(values, type=arrow_type))
-            except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-                raise ValueError(f"column {name} of {self.table.name}: {exc}") from exc
+            return b"", 0
         data = io.BytesIO()
         pa_csv.write_csv(pa.Table.from_arrays(arrays, names=self.names), data,
                          pa_csv.WriteOptions(include_header=False))
+        return data.getvalue(), n
+
+    def _array(self, name: str, values: list) -> pa.Array:
+        arrow_type, convert = self.converters[name]
+        try:
+            return pa.array(values if convert is None else _processed(values, convert), type=arrow_type)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"column {name} of {self.table.name}: {exc}") from exc
+
+    def _cast(self, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        arrow_type, convert = self.converters[name]
+        if convert is not None and not pa.types.is_timestamp(column.type) and not pa.types.is_string(column.type):
+            raise ValueError(f"column {name} of {self.table.name}: give {arrow_type} (JSON as text), "
+                             f"not {column.type}")
+        try:
+            return column.cast(arrow_type)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise ValueError(f"column {name} of {self.table.name}: {exc}") from exc
+
+    def send(self, con: sa.Connection, data: bytes) -> None:
+        """Copy one encoded chunk and move it into the table, inside ``con``'s transaction."""
         raw = con.connection.dbapi_connection
         try:
             with raw.cursor() as cur:
                 with cur.copy(self.copy_sql) as copy:
-                    copy.write(data.getbuffer())
+                    copy.write(data)
                 cur.execute(self.move_sql)
                 cur.execute(self.clear_sql)
         except self.dialect.loaded_dbapi.Error as exc:  # as SQLAlchemy would raise it (IntegrityError, ...)
             raise sa.exc.DBAPIError.instance(self.copy_sql, None, exc, self.dialect.loaded_dbapi.Error) from exc
+
+    def insert(self, con: sa.Connection, columns: Chunk) -> int:
+        """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
+        data, n = self.encode(columns)
+        if n:
+            self.send(con, data)
         return n
 
 
@@ -304,25 +332,25 @@ def _copy_converter(column: sa.Column, encoded: Collection[str],
     return arrow_type, None
 
 
-def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[dict[str, list]], *, encoded: Collection[str] = (),
+def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[Chunk], *, encoded: Collection[str] = (),
                 on_chunk: Callable[[int], None] | None = None) -> int:
-    """Insert chunks of rows given as column lists, skipping rows whose keys exist, all in ONE transaction
+    """Insert chunks of rows (column lists or Arrow tables), skipping rows whose keys exist, all in ONE transaction
     (nothing is stored unless everything is); returns the rows offered. PostgreSQL copies them
-    (:class:`CopyInserter`), SQLite inserts them prepared (:class:`RowInserter`).
+    (:class:`CopyInserter`: the next chunk is encoded while the server takes the last one), SQLite inserts them
+    prepared (:class:`RowInserter`).
 
     One transaction rather than one per chunk: the keys of a decision log are random, so each commit of a few
     thousand rows rewrote most pages of every index (a million rows wrote the indexes hundreds of times over).
     On SQLite the transaction gets a page cache of :data:`SQLITE_BULK_CACHE_KIB` for the same reason.
     """
+    if engine.dialect.name == "postgresql" and CopyInserter.supports(table):
+        return _copy_chunks(engine, CopyInserter(engine, table, encoded), chunks, on_chunk)
+    inserter = RowInserter(engine, table, encoded)
     sqlite_db = engine.dialect.name == "sqlite"
-    copy = engine.dialect.name == "postgresql" and CopyInserter.supports(table)
-    inserter = CopyInserter(engine, table, encoded) if copy else RowInserter(engine, table, encoded)
     offered = 0
     with engine.begin() as con:
         if sqlite_db:
             con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_BULK_CACHE_KIB}")
-        if copy:
-            inserter.begin(con)
         try:
             for columns in chunks:
                 n = inserter.insert(con, columns)
@@ -336,6 +364,57 @@ def bulk_insert(engine: Engine, table: sa.Table, chunks: Iterable[dict[str, list
                 with contextlib.suppress(sa.exc.DBAPIError):
                     con.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
     return offered
+
+
+def _copy_chunks(engine: Engine, inserter: CopyInserter, chunks: Iterable[Chunk],
+                 on_chunk: Callable[[int], None] | None) -> int:
+    """:func:`bulk_insert` through COPY, one chunk in flight: a thread sends it (waiting on the server without
+    the GIL) while this one makes and encodes the next."""
+    offered = 0
+    with engine.begin() as con, ThreadPoolExecutor(1, thread_name_prefix="engage-copy") as sender:
+        inserter.begin(con)
+        pending: tuple[Future, int] | None = None
+        try:
+            for columns in chunks:
+                data, n = inserter.encode(columns)
+                if n == 0:
+                    continue
+                if pending is not None:
+                    pending[0].result()
+                    offered += pending[1]
+                    if on_chunk:
+                        on_chunk(pending[1])
+                pending = (sender.submit(inserter.send, con, data), n)
+            if pending is not None:
+                future, n, pending = pending[0], pending[1], None
+                future.result()
+                offered += n
+                if on_chunk:
+                    on_chunk(n)
+        finally:
+            if pending is not None:  # failed meanwhile: the send ends before the transaction rolls back
+                with contextlib.suppress(Exception):
+                    pending[0].result()
+    return offered
+
+
+def arrow_columns(chunk: pa.Table, table: sa.Table) -> dict[str, list]:
+    """An Arrow chunk as :class:`RowInserter`'s column lists (the columns of ``table`` it has). Timestamps become
+    datetimes once per distinct value: one per row cost about 4 s a million, and a log's times repeat."""
+    out = {}
+    for name in (c.name for c in table.columns):
+        if name not in chunk.column_names:
+            continue
+        column = chunk.column(name)
+        out[name] = _repeated_values(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
+    return out
+
+
+def _repeated_values(column: pa.ChunkedArray) -> list:
+    """``column.to_pylist()``, each distinct value made into a Python object once."""
+    encoded = column.combine_chunks().dictionary_encode()
+    values = encoded.dictionary.to_pylist()
+    return [None if i is None else values[i] for i in encoded.indices.to_pylist()]
 
 
 def _check_columns(table: sa.Table, names: list[str], columns: dict[str, list]) -> int:

@@ -284,8 +284,50 @@ def _bulk_matches_orm_path(url_a: str, url_b: str) -> None:
     assert len(_rows(bulk)) == 16  # refused before writing
 
 
+def _arrow_matches_lists(url_a: str, url_b: str) -> None:
+    """Rows given to the bulk path as an Arrow table (JSON columns as text) read back as the same rows given as
+    column lists of Python objects."""
+    import pyarrow as pa
+
+    from serving.servingdb import bulk_insert
+
+    arrow, lists = create_serving_engine(url_a), create_serving_engine(url_b)
+    cols = _bulk_columns(list(range(20)))
+    cols["send_at"] = [datetime(2025, 6, 2, i % 3, tzinfo=UTC) if i % 4 else None for i in range(20)]
+    table = pa.table({**cols, "model_versions": [json.dumps(v) for v in cols["model_versions"]],
+                      "payload": [json.dumps(p) for p in cols["payload"]]})
+    seen: list[int] = []
+    assert bulk_insert(arrow, decisions, [table.slice(0, 8), table.slice(8)], encoded=("model_versions", "payload"),
+                       on_chunk=seen.append) == 20
+    assert seen == [8, 12]
+    bulk_insert(lists, decisions, [cols])
+    assert _rows(arrow) == _rows(lists) and len(_rows(arrow)) == 20
+    with pytest.raises(ValueError, match=r"no values for column\(s\) payload"):
+        bulk_insert(arrow, decisions, [table.drop_columns(["payload"])])
+
+
 def test_bulk_insert_sqlite_matches_orm_path(tmp_path: Path) -> None:
     _bulk_matches_orm_path(f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}")
+
+
+def test_bulk_insert_of_arrow_tables_sqlite(tmp_path: Path) -> None:
+    _arrow_matches_lists(f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}")
+
+
+def _in_two_schemas(pg_url: str, check) -> None:
+    """``check(url_a, url_b)`` on two fresh schemas of the test database."""
+    admin = sa.create_engine(pg_url)
+    names = [f"engage_bulk_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with admin.begin() as con:
+        for name in names:
+            con.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    try:
+        check(*(pg_url.rsplit("search_path%3D", 1)[0] + f"search_path%3D{name}" for name in names))
+    finally:
+        with admin.begin() as con:
+            for name in names:
+                con.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        admin.dispose()
 
 
 @pytest.mark.needs_service
@@ -293,16 +335,12 @@ def test_bulk_insert_postgres_matches_orm_path(pg_url: str) -> None:
     from serving.servingdb import CopyInserter
 
     assert CopyInserter.supports(decisions)  # so PostgreSQL's bulk path below is the COPY one
-    other = f"engage_bulk_{uuid.uuid4().hex[:8]}"  # a second schema for the reference path
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as con:
-        con.exec_driver_sql(f'CREATE SCHEMA "{other}"')
-    try:
-        _bulk_matches_orm_path(pg_url, pg_url.rsplit("search_path%3D", 1)[0] + f"search_path%3D{other}")
-    finally:
-        with admin.begin() as con:
-            con.exec_driver_sql(f'DROP SCHEMA "{other}" CASCADE')
-        admin.dispose()
+    _in_two_schemas(pg_url, _bulk_matches_orm_path)
+
+
+@pytest.mark.needs_service
+def test_bulk_insert_of_arrow_tables_postgres(pg_url: str) -> None:
+    _in_two_schemas(pg_url, _arrow_matches_lists)
 
 
 @pytest.mark.needs_service
