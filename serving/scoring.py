@@ -87,12 +87,13 @@ class MatrixPlan:
         self.scalar_index = [j for j, _, _ in self.scalars]
 
     def build(self, values: Mapping[str, Sequence], n: int) -> np.ndarray:
+        if n <= ROW_WISE_MAX:  # a request's few customers: plain Python per value (MatrixSet's row path)
+            solo = self.__dict__.get("_solo")
+            if solo is None:
+                solo = self._solo = MatrixSet({"": self})
+            return solo.build(values, n)[""]
         out = np.empty((n, len(self.columns)), dtype=np.float32)
         self.fill_lists(out, values, n)
-        if n <= ROW_WISE_MAX:  # a request's few customers: plain Python per value, one array at the end
-            rows = [[_cell(values.get(name), i, codes) for _, name, codes in self.scalars] for i in range(n)]
-            out[:, self.scalar_index] = np.array(rows, dtype=np.float64).reshape(n, len(self.scalars))
-            return out
         for j, name, codes in self.scalars:
             if codes is None:
                 out[:, j] = column(values, name, n)
@@ -174,7 +175,8 @@ class MatrixSet:
 
 
 def _cell(col, i: int, codes: dict[str, float] | None) -> float:
-    """Row ``i`` of one column as :meth:`MatrixPlan.build` stores it (missing -> NaN, a category -> its code)."""
+    """Row ``i`` of one column as :meth:`MatrixPlan.build` stores it by column (missing -> NaN, a category -> its
+    code)."""
     if col is None:
         return math.nan
     v = col[i]
