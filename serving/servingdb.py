@@ -198,6 +198,7 @@ class RowInserter:
         dialect = engine.dialect
         self.table, self.dialect = table, dialect
         self.names = [c.name for c in table.columns]
+        self.encoded = frozenset(encoded)
         self.compiled = upsert(engine, table).on_conflict_do_nothing().compile(dialect=dialect)
         self.processors = {name: None if name in encoded else
                            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self.names}
@@ -206,6 +207,7 @@ class RowInserter:
         """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
         names = self.names
         if isinstance(columns, pa.Table):
+            _check_json_text(self.table, self.encoded)
             columns = arrow_columns(columns, self.table)
         n = _check_columns(self.table, names, columns)
         if n == 0:
@@ -227,13 +229,13 @@ class CopyInserter:
     A prepared executemany costs the client about 30 us of Python per 18-column row and the server a statement
     per row; a million decisions took 50 s that way. Values are converted as the columns' types bind them:
     timestamps as UTC (naive = UTC, ISO strings parsed), JSON with the dialect's serializer, ``encoded`` columns
-    (JSON text) as given. Call :meth:`begin` once per transaction before :meth:`insert`.
+    (JSON text) as given. In a transaction: :meth:`begin` once, then :meth:`encode` and :meth:`send` per chunk.
     """
 
     def __init__(self, engine: Engine, table: sa.Table, encoded: Collection[str] = ()) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError(f"COPY is PostgreSQL's, not {engine.dialect.name}'s")
-        self.table, self.dialect = table, engine.dialect
+        self.table, self.dialect, self.encoded = table, engine.dialect, frozenset(encoded)
         self.names = [c.name for c in table.columns]
         self.converters = {c.name: _copy_converter(c, encoded, engine.dialect) for c in table.columns}
         load = f"engage_load_{table.name}"
@@ -255,8 +257,9 @@ class CopyInserter:
     def encode(self, columns: Chunk) -> tuple[bytes, int]:
         """One chunk as the CSV that :meth:`send` copies, and its number of rows."""
         if isinstance(columns, pa.Table):
+            _check_json_text(self.table, self.encoded)
             n = _check_columns(self.table, self.names, {c: columns.column(c) for c in columns.column_names})
-            arrays = [self._cast(name, columns.column(name)) for name in self.names]
+            arrays = [_cast_arrow(self.table.c[name], columns.column(name)) for name in self.names]
         else:
             n = _check_columns(self.table, self.names, columns)
             arrays = [self._array(name, columns[name]) for name in self.names]
@@ -274,16 +277,6 @@ class CopyInserter:
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"column {name} of {self.table.name}: {exc}") from exc
 
-    def _cast(self, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
-        arrow_type, convert = self.converters[name]
-        if convert is not None and not pa.types.is_timestamp(column.type) and not pa.types.is_string(column.type):
-            raise ValueError(f"column {name} of {self.table.name}: give {arrow_type} (JSON as text), "
-                             f"not {column.type}")
-        try:
-            return column.cast(arrow_type)
-        except (pa.ArrowException, TypeError, ValueError) as exc:
-            raise ValueError(f"column {name} of {self.table.name}: {exc}") from exc
-
     def send(self, con: sa.Connection, data: bytes) -> None:
         """Copy one encoded chunk and move it into the table, inside ``con``'s transaction."""
         raw = con.connection.dbapi_connection
@@ -296,12 +289,6 @@ class CopyInserter:
         except self.dialect.loaded_dbapi.Error as exc:  # as SQLAlchemy would raise it (IntegrityError, ...)
             raise sa.exc.DBAPIError.instance(self.copy_sql, None, exc, self.dialect.loaded_dbapi.Error) from exc
 
-    def insert(self, con: sa.Connection, columns: Chunk) -> int:
-        """Insert one chunk inside ``con``'s transaction; returns its rows (existing keys are skipped)."""
-        data, n = self.encode(columns)
-        if n:
-            self.send(con, data)
-        return n
 
 
 def _arrow_type(column: sa.Column) -> pa.DataType | None:
@@ -405,9 +392,28 @@ def arrow_columns(chunk: pa.Table, table: sa.Table) -> dict[str, list]:
     for name in (c.name for c in table.columns):
         if name not in chunk.column_names:
             continue
-        column = chunk.column(name)
+        column = _cast_arrow(table.c[name], chunk.column(name))
         out[name] = _repeated_values(column) if pa.types.is_timestamp(column.type) else column.to_pylist()
     return out
+
+
+def _cast_arrow(column: sa.Column, values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An Arrow column as the Arrow type of ``column`` (as is when it has none); ValueError naming the column."""
+    kind = _arrow_type(column)
+    if kind is None:
+        return values
+    try:
+        return values.cast(kind)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise ValueError(f"column {column.name} of {column.table.name}: {exc}") from exc
+
+
+def _check_json_text(table: sa.Table, encoded: Collection[str]) -> None:
+    """An Arrow chunk holds JSON columns as JSON text, named in ``encoded``: raises ValueError otherwise."""
+    raw = [c.name for c in table.columns if isinstance(c.type, sa.JSON) and c.name not in encoded]
+    if raw:
+        raise ValueError(f"an Arrow chunk of {table.name} gives its JSON columns as JSON text: name "
+                         f"{', '.join(raw)} in encoded")
 
 
 def _repeated_values(column: pa.ChunkedArray) -> list:

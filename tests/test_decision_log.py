@@ -303,7 +303,13 @@ def _arrow_matches_lists(url_a: str, url_b: str) -> None:
     bulk_insert(lists, decisions, [cols])
     assert _rows(arrow) == _rows(lists) and len(_rows(arrow)) == 20
     with pytest.raises(ValueError, match=r"no values for column\(s\) payload"):
-        bulk_insert(arrow, decisions, [table.drop_columns(["payload"])])
+        bulk_insert(arrow, decisions, [table.drop_columns(["payload"])], encoded=("model_versions", "payload"))
+    with pytest.raises(ValueError, match="JSON text: name model_versions in encoded"):
+        bulk_insert(arrow, decisions, [table], encoded=("payload",))
+    with pytest.raises(ValueError, match="column propensity"):
+        bulk_insert(arrow, decisions, [table.set_column(11, "propensity", pa.array(["high"] * 20))],
+                    encoded=("model_versions", "payload"))
+    assert len(_rows(arrow)) == 20
 
 
 def test_bulk_insert_sqlite_matches_orm_path(tmp_path: Path) -> None:
