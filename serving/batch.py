@@ -18,8 +18,9 @@ Steps (the local engine; ``serving/spark_batch.py`` runs the same chunk step on 
    functions the scoring API calls, so a customer gets the same tier, offer, channel and send time from
    either. Filters that are per customer run here: ``segments`` before scoring, ``min_churn`` before
    deciding, ``channel`` as the only candidate channel (and only customers reachable on it are kept).
-   Every row with an action gets an ``exposure_id``: a hash of the as-of time, the customer id, the
-   champion versions and the run id, whose default is itself a hash of the as-of time, the champion
+   Every row with an action gets an ``exposure_id``: the customer id behind a 16-hex-digit hash of the as-of
+   time, the champion versions and the run id (``<hash>-<customer id>``; a 32-hex-digit hash of all of them
+   when that is too long), the run id's default being itself a hash of the as-of time, the champion
    versions, the policy and ``channel``. A re-run of the same nightly job therefore writes the same list
    with the same ids, and feedback for the first run's messages still finds its decision.
    Reason codes (SHAP values, ``training/treeshap.py``) are computed here too when every scored row is
@@ -34,8 +35,9 @@ Steps (the local engine; ``serving/spark_batch.py`` runs the same chunk step on 
 6. **Log** the listed rows' decisions to the decision log (:func:`log_decisions`: table ``decisions`` of
    the serving database, ``source`` = ``batch``, ``decided_at`` = the as-of time), only once the list file
    is in place, in one transaction (all of the list's decisions or none; rows built by
-   ``serving/batch_log.py``). Decision ids are hashes like the exposure ids and the insert skips ids already
-   there, so a re-run logs nothing twice, and a run whose logging failed is repaired by running it again.
+   ``serving/batch_log.py``) and in customer order. Decision ids are made like the exposure ids, so the log's
+   indexes take a run's rows in order; the insert skips ids already there, so a re-run logs nothing twice,
+   and a run whose logging failed is repaired by running it again.
 
 **The control group.** Customers in the policy's holdout (``holdout.share``, a salted hash of the customer
 id, see ``serving/policy.py``) get the API's answer for them: ``action`` none, ``action_reason`` holdout,
@@ -687,8 +689,10 @@ def log_decisions(plan_: BatchPlan, listed: pa.Table, on_progress: Callable[[int
     if plan_.engine is None:
         return 0
     ctx = plan_.context
-    chunks = (decision_table(listed.slice(start, LOG_BATCH_ROWS), id_key=ctx.id_key, run_id=ctx.run_id,
-                             as_of=ctx.as_of, versions=ctx.versions)
+    # In customer order: the log's ids follow it (batch_log._batch_id), so its indexes are appended to.
+    order = pc.sort_indices(listed.column("customer_id"))
+    chunks = (decision_table(listed.take(order.slice(start, LOG_BATCH_ROWS)), id_key=ctx.id_key,
+                             run_id=ctx.run_id, as_of=ctx.as_of, versions=ctx.versions)
               for start in range(0, listed.num_rows, LOG_BATCH_ROWS))
     try:
         return bulk_insert(plan_.engine, decisions, chunks, encoded=ENCODED, on_chunk=on_progress)

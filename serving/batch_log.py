@@ -15,24 +15,59 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from functools import lru_cache
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from serving.servingdb import decisions
+
 
 def hash_id(*parts: str) -> str:
-    """A 32-hex-digit id from ``parts`` (run ids, exposure and decision ids of batch lists)."""
+    """A 32-hex-digit id from ``parts`` (run ids; exposure and decision ids of long customer ids)."""
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+RUN_PREFIX_HEX = 16  # hex digits of the run's hash before a customer id (64 bits: runs do not collide)
+DECISION_ID_CHARS = decisions.c.decision_id.type.length
+EXPOSURE_ID_CHARS = decisions.c.exposure_id.type.length
+
+
+@lru_cache(maxsize=64)
+def run_prefix(kind: str, id_key: str) -> str:
+    """What a run's ids of one kind (``decision``, ``exposure``) start with, ``-`` included."""
+    return hash_id(kind, id_key)[:RUN_PREFIX_HEX] + "-"
+
+
+def _batch_id(kind: str, id_key: str, customer_id: str, limit: int) -> str:
+    """``<run prefix>-<customer id>``; a hash of both when that is longer than ``limit`` (a hash has no ``-``).
+
+    Deterministic (a re-run gives the same ids) and, within a run, in customer-id order: the decision log's
+    indexes take a run's rows, sorted by customer, as appends instead of inserts at random pages (a million
+    rows logged in about half the time of random hashes).
+    """
+    prefix = run_prefix(kind, id_key)
+    if len(prefix) + len(customer_id) <= limit:
+        return prefix + customer_id
+    return hash_id(kind, id_key, customer_id)
 
 
 def exposure_id(id_key: str, customer_id: str) -> str:
     """The exposure id of a listed customer with an action: deterministic, so a re-run gives the same one."""
-    return hash_id("exposure", id_key, customer_id)
+    return _batch_id("exposure", id_key, customer_id, EXPOSURE_ID_CHARS)
 
 
 def decision_id(id_key: str, customer_id: str) -> str:
-    return hash_id("decision", id_key, customer_id)
+    return _batch_id("decision", id_key, customer_id, DECISION_ID_CHARS)
+
+
+def decision_ids(id_key: str, customer_ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """:func:`decision_id` of each customer id, in Arrow when every id is short enough."""
+    prefix = run_prefix("decision", id_key)
+    if pc.all(pc.less_equal(pc.utf8_length(customer_ids), DECISION_ID_CHARS - len(prefix))).as_py() is not False:
+        return pc.binary_join_element_wise(pa.scalar(prefix), customer_ids, "")
+    return pa.array([decision_id(id_key, c) for c in customer_ids.to_pylist()], pa.string())
 
 
 # The list's columns a decision-log row is made of.
@@ -91,8 +126,7 @@ _UTC = pa.timestamp("us", tz="UTC")
 def decision_table(rows: pa.Table, *, id_key: str, run_id: str, as_of: datetime,
                    versions: dict[str, str]) -> pa.Table:
     """The decision-log rows of listed rows: an Arrow table with the columns of table ``decisions`` (its JSON
-    columns as JSON text, see :data:`ENCODED`), built column by column without a Python object per value
-    except the decision ids."""
+    columns as JSON text, see :data:`ENCODED`), built column by column without a Python object per value."""
     n = rows.num_rows
     held = pc.fill_null(rows.column("holdout"), False)
     propensity = rows.column("propensity")
@@ -103,7 +137,7 @@ def decision_table(rows: pa.Table, *, id_key: str, run_id: str, as_of: datetime,
         return pa.repeat(pa.scalar(value, kind), n)
 
     return pa.table({
-        "decision_id": pa.array([decision_id(id_key, c) for c in rows.column("customer_id").to_pylist()], pa.string()),
+        "decision_id": decision_ids(id_key, rows.column("customer_id")),
         "request_id": repeat(run_id, pa.string()),
         "exposure_id": rows.column("exposure_id"),
         "customer_id": rows.column("customer_id"),

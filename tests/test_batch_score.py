@@ -367,3 +367,27 @@ def test_workers_agree(serving_env, tmp_path: Path) -> None:
     b, _ = batch.run_local(two)
     assert a.equals(b)
 
+
+
+def test_batch_ids_are_the_customer_behind_a_run_prefix_or_a_hash_when_too_long() -> None:
+    import pyarrow as pa
+
+    from serving import batch_log
+
+    key, other = batch._id_key(pd.Timestamp("2026-01-01", tz="UTC").to_pydatetime(), {"churn": "1"}, "run-1"), "k2"
+    e, d = batch_log.exposure_id(key, "C0000042"), batch_log.decision_id(key, "C0000042")
+    assert e.endswith("-C0000042") and d.endswith("-C0000042") and e != d  # each kind its own prefix
+    assert len(e) == batch_log.RUN_PREFIX_HEX + 1 + len("C0000042")
+    assert e == batch_log.exposure_id(key, "C0000042")  # deterministic: a re-run gives the same id
+    assert batch_log.exposure_id(other, "C0000042") != e  # another run, another id
+    ids = [f"C{i:07d}" for i in (5, 17, 200)]
+    assert sorted(batch_log.decision_id(key, c) for c in ids) == [batch_log.decision_id(key, c) for c in ids]
+    # A customer id too long for the column with the prefix: a 32-hex hash (no "-", so never a readable id).
+    long_id = "x" * 60
+    assert len(batch_log.decision_id(key, long_id)) == 32 and "-" not in batch_log.decision_id(key, long_id)
+    assert batch_log.exposure_id(key, long_id).endswith(long_id)  # exposure ids have room for 64 characters
+    assert len(batch_log.decision_id(key, "y" * 47)) == 64  # the longest readable decision id fits its column
+    # The Arrow form gives the same ids, with or without long ones among them.
+    for given in (ids, [*ids, long_id]):
+        assert batch_log.decision_ids(key, pa.array(given)).to_pylist() == [batch_log.decision_id(key, c)
+                                                                             for c in given]
