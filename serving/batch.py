@@ -118,7 +118,7 @@ from features.snapshots import (
     snapshot_file,
     to_utc,
 )
-from serving.batch_log import ENCODED, decision_table, exposure_id, hash_id
+from serving.batch_log import ENCODED, LOG_COLUMNS, decision_table, exposure_id, hash_id
 from serving.decide import decide
 from serving.policy import Holdout, Policy
 from serving.scoring import POLICY_FEATURES, Scorer
@@ -689,9 +689,11 @@ def log_decisions(plan_: BatchPlan, listed: pa.Table, on_progress: Callable[[int
     if plan_.engine is None:
         return 0
     ctx = plan_.context
-    # In customer order: the log's ids follow it (batch_log._batch_id), so its indexes are appended to.
+    # In customer order: the log's ids follow it (batch_log._batch_id), so its indexes are appended to. Only
+    # the columns a log row is made of are taken.
     order = pc.sort_indices(listed.column("customer_id"))
-    chunks = (decision_table(listed.take(order.slice(start, LOG_BATCH_ROWS)), id_key=ctx.id_key,
+    logged = listed.select(list(LOG_COLUMNS))
+    chunks = (decision_table(logged.take(order.slice(start, LOG_BATCH_ROWS)), id_key=ctx.id_key,
                              run_id=ctx.run_id, as_of=ctx.as_of, versions=ctx.versions)
               for start in range(0, listed.num_rows, LOG_BATCH_ROWS))
     try:

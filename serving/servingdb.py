@@ -290,7 +290,6 @@ class CopyInserter:
             raise sa.exc.DBAPIError.instance(self.copy_sql, None, exc, self.dialect.loaded_dbapi.Error) from exc
 
 
-
 def _arrow_type(column: sa.Column) -> pa.DataType | None:
     kind = column.type
     if isinstance(kind, UTCDateTime):
@@ -358,26 +357,28 @@ def _copy_chunks(engine: Engine, inserter: CopyInserter, chunks: Iterable[Chunk]
     """:func:`bulk_insert` through COPY, one chunk in flight: a thread sends it (waiting on the server without
     the GIL) while this one makes and encodes the next."""
     offered = 0
+    pending: tuple[Future, int] | None = None
+
+    def settle() -> None:  # wait for the chunk in flight and count it
+        nonlocal offered, pending
+        (future, n), pending = pending, None
+        future.result()
+        offered += n
+        if on_chunk:
+            on_chunk(n)
+
     with engine.begin() as con, ThreadPoolExecutor(1, thread_name_prefix="engage-copy") as sender:
         inserter.begin(con)
-        pending: tuple[Future, int] | None = None
         try:
             for columns in chunks:
                 data, n = inserter.encode(columns)
                 if n == 0:
                     continue
                 if pending is not None:
-                    pending[0].result()
-                    offered += pending[1]
-                    if on_chunk:
-                        on_chunk(pending[1])
+                    settle()
                 pending = (sender.submit(inserter.send, con, data), n)
             if pending is not None:
-                future, n, pending = pending[0], pending[1], None
-                future.result()
-                offered += n
-                if on_chunk:
-                    on_chunk(n)
+                settle()
         finally:
             if pending is not None:  # failed meanwhile: the send ends before the transaction rolls back
                 with contextlib.suppress(Exception):
