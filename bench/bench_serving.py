@@ -4,7 +4,8 @@ Figures (tracker issue): p50/p99 of single recommendations at a fixed rate (open
 t0 + i/rate and its latency counts from then, so queueing is counted), peak sustained requests/s (closed
 loop, 4 and 8 keep-alive clients), customers/s through the batch endpoint. Floors, same run, same customers,
 no HTTP: the feature read + the three models (``reader.read`` + ``scorer.score``), each part alone, Feast's
-``get_online_features`` for the three services, and ``EngageService.recommend``. GET /healthz at the same rate
+``get_online_features`` for the three services, ``EngageService.recommend``, and a fixed 1 ms of Python arithmetic
+(how steady the machine itself is: its p99 over its p50). GET /healthz at the same rate
 gives the HTTP and client floor. Targets: p99 < 5 ms at 200 requests/s; service p50 <= 3x floor p50; no errors.
 
 With ``--profile production`` (ENGAGE_REDIS_URL, ENGAGE_POSTGRES_URL set, the world materialized there) the
@@ -172,6 +173,26 @@ def as_of(home: str) -> dict:
     return {"now": when} if when else {}
 
 
+def fixed_work(n: int) -> int:
+    """A fixed block of pure-Python arithmetic: no I/O, no allocation to speak of, the same every call. Its spread
+    from call to call is the machine's (other tenants, frequency, interrupts), not the code's."""
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def calibrate_fixed_work(target_s: float = 1e-3) -> int:
+    """The loop count that takes about ``target_s`` here (median of a few calls)."""
+    n = 20_000
+    took = []
+    for _ in range(30):
+        start = time.perf_counter()
+        fixed_work(n)
+        took.append(time.perf_counter() - start)
+    return max(1, int(n * target_s / float(np.median(took))))
+
+
 def floor(home: str, n_sample: int, batch_size: int, db_url: str, cpus: list[int] | None) -> dict:
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -235,6 +256,9 @@ def floor(home: str, n_sample: int, batch_size: int, db_url: str, cpus: list[int
     if getattr(reader, "_fast", None) is not None:  # what the one-read path replaces: Feast's per-view reads
         steps["per_view_read"] = lambda c: reader.read_per_view([c])
         mine["per_view_read"] = mine["read"]
+    work_n = calibrate_fixed_work()  # about 1 ms, interleaved with the rest: how steady this machine is
+    steps["fixed_work"] = lambda c: fixed_work(work_n)
+    mine["fixed_work"] = mine["read"]
     times: dict[str, list[float]] = {k: [] for k in steps}
     svc.start()
     try:  # interleaved per customer, so that other load on the machine hits every figure alike
@@ -414,7 +438,9 @@ def main() -> None:
             *((("  Redis GET round trip", fl["redis_get"], "redis-py, the reader's client: the network floor"),)
               if "redis_get" in fl else ()),
             *((("  Feast online_read per view", fl["per_view_read"], "the read the one-read path replaces"),)
-              if "per_view_read" in fl else ())]
+              if "per_view_read" in fl else ()),
+            ("machine: a fixed 1 ms of Python arithmetic", fl["fixed_work"],
+             f"p99/p50 {fl['fixed_work']['p99'] / fl['fixed_work']['p50']:.2f}: the VM's own spread, no I/O")]
     print(f"\nmodels: {got['models']}; customers drawn from {len(ids):,} (seed {SEED}); "
           f"load average after {machine['load_after'][0]:.2f}\n")
     line = "{:<48} {:>8} {:>8} {:>8} {:>7}   {}"
