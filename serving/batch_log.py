@@ -48,9 +48,14 @@ def _batch_id(kind: str, id_key: str, customer_id: str, limit: int) -> str:
     rows logged in about half the time of random hashes).
     """
     prefix = run_prefix(kind, id_key)
-    if len(prefix) + len(customer_id) <= limit:
+    if len(customer_id) <= _room(prefix, limit):
         return prefix + customer_id
     return hash_id(kind, id_key, customer_id)
+
+
+def _room(prefix: str, limit: int) -> int:
+    """The longest customer id that fits behind ``prefix`` in a column of ``limit`` characters."""
+    return limit - len(prefix)
 
 
 def exposure_id(id_key: str, customer_id: str) -> str:
@@ -65,7 +70,7 @@ def decision_id(id_key: str, customer_id: str) -> str:
 def decision_ids(id_key: str, customer_ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """:func:`decision_id` of each customer id, in Arrow when every id is short enough."""
     prefix = run_prefix("decision", id_key)
-    if pc.all(pc.less_equal(pc.utf8_length(customer_ids), DECISION_ID_CHARS - len(prefix))).as_py() is not False:
+    if pc.all(pc.less_equal(pc.utf8_length(customer_ids), _room(prefix, DECISION_ID_CHARS))).as_py() is not False:
         return pc.binary_join_element_wise(pa.scalar(prefix), customer_ids, "")
     return pa.array([decision_id(id_key, c) for c in customer_ids.to_pylist()], pa.string())
 

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from serving.servingdb import RowInserter, as_utc, decisions
+from serving.settings import DECISION_FLUSH_S
 from serving.types import Decision
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def lookup_decision(engine: Engine, exposure_id: str) -> DecisionRef | None:
 class DecisionLog:
     """Buffered, batched, retrying writer of decision records (see :func:`decision_record`)."""
 
-    def __init__(self, engine: Engine, flush_interval_s: float = 0.05, max_pending: int = 200_000) -> None:
+    def __init__(self, engine: Engine, flush_interval_s: float = DECISION_FLUSH_S, max_pending: int = 200_000) -> None:
         self.engine = engine
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending

@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engage.settings import resolve_home
 
+# How often the decision log's buffer is written: small, frequent flushes hold the GIL from fewer requests for
+# less long than large, rare ones (README, BENCHMARKS.md).
+DECISION_FLUSH_S = 0.05
+
 
 class ServingSettings(BaseModel):
     """What ``engage serve`` needs besides MLflow (``MLFLOW_TRACKING_URI``) and the feature store."""
@@ -20,7 +24,8 @@ class ServingSettings(BaseModel):
     policy_path: Path | None = Field(None, description="decision policy YAML (ENGAGE_POLICY); default: packaged")
     reload_interval_s: float = Field(30.0, ge=0, description="registry check period (ENGAGE_RELOAD_INTERVAL_S); 0=off")
     serving_db_url: str | None = Field(None, description="feedback and decision log database (ENGAGE_SERVING_DB_URL)")
-    decision_flush_s: float = Field(0.05, gt=0, le=60, description="decision log flush s (ENGAGE_DECISION_FLUSH_S)")
+    decision_flush_s: float = Field(DECISION_FLUSH_S, gt=0, le=60,
+                                    description="decision log flush s (ENGAGE_DECISION_FLUSH_S)")
     max_batch: int = Field(1000, ge=1, le=10_000, description="customers per batch call; more is answered 413")
     gil_switch_ms: float = Field(1.0, ge=0.1, le=100, description="thread switch interval, ms (ENGAGE_GIL_SWITCH_MS)")
 

@@ -368,7 +368,6 @@ def test_workers_agree(serving_env, tmp_path: Path) -> None:
     assert a.equals(b)
 
 
-
 def test_batch_ids_are_the_customer_behind_a_run_prefix_or_a_hash_when_too_long() -> None:
     import pyarrow as pa
 
